@@ -1,1 +1,47 @@
-fn main() {}
+//! `shoal`: the command line of the coordinator.
+//!
+//! Subcommands print results on stdout and everything else (logs, progress) on stderr, so
+//! `shoal run ... > out.txt` captures only the completion. Every error ends the process with
+//! a non-zero status and one line saying what is wrong; nothing here panics on bad input.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Serve one large language model from a pool of machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a completion for one prompt in this process.
+    Run(cli::run::RunArgs),
+    /// Print a model file's architecture, size, quantization mix and tensors.
+    Info(cli::info::InfoArgs),
+    /// Measure prefill and decode tokens/s (the llama-bench pp/tg tests).
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let r = match cli.command {
+        Command::Run(a) => cli::run::run(a),
+        Command::Info(a) => cli::info::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+    };
+    if let Err(e) = r {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("shoal: error: {msg}");
+        std::process::exit(1);
+    }
+}

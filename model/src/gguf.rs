@@ -552,6 +552,11 @@ impl GgufFile {
         &self.header
     }
 
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
     pub fn file_size(&self) -> u64 {
         self.map.len() as u64
     }

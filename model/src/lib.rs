@@ -6,7 +6,12 @@
 
 pub mod error;
 pub mod gguf;
-pub mod tokenizer;
 pub mod arch;
+pub mod chat;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+pub mod engine;
+pub mod executor;
 
 pub use error::{Error, Result};

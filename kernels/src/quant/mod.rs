@@ -3,8 +3,34 @@
 //! Every type is known by id, name, block size and bytes per block, so a file's tensor extents
 //! can be checked (and a model planned) even for types that shoal cannot compute with; the
 //! compute set is [`GgmlType::is_supported`]. Block layouts follow ggml's `ggml-common.h`.
+//!
+//! For the compute set this module also owns the numerics: dequantization (`blocks`),
+//! activation quantization into each weight type's vec_dot_type (`act`), and the dot-product
+//! kernels (`kernel` chooses among `scalar`, the portable reference, and the x86 `x86`/`x86_k`
+//! paths). Integer results match ggml's CPU kernels exactly and activation bytes are
+//! identical to llama.cpp's on x86 (`ggml_ref` checks both against ggml itself); only the
+//! order of f32 accumulation differs. Nothing here allocates on the matmul hot path.
 
+use crate::cpu::SimdLevel;
 use crate::{Error, Result};
+
+pub mod act;
+pub mod blocks;
+pub mod kernel;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_k;
+
+#[cfg(test)]
+mod ggml_ref;
+#[cfg(test)]
+mod ggml_ref_data;
+#[cfg(test)]
+mod quant_tests;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 /// A ggml element type, numbered as in GGUF files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,17 +108,27 @@ const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
 
 impl GgmlType {
     fn row(self) -> &'static (GgmlType, u32, &'static str, usize, usize) {
-        TABLE.iter().find(|r| r.0 == self).expect("every variant is in TABLE")
+        TABLE
+            .iter()
+            .find(|r| r.0 == self)
+            .expect("every variant is in TABLE")
     }
 
     /// The type with GGUF id `id`.
     pub fn from_id(id: u32) -> Result<Self> {
-        TABLE.iter().find(|r| r.1 == id).map(|r| r.0).ok_or(Error::UnknownType(id))
+        TABLE
+            .iter()
+            .find(|r| r.1 == id)
+            .map(|r| r.0)
+            .ok_or(Error::UnknownType(id))
     }
 
     /// The type named `name` (as ggml spells it, case-insensitive).
     pub fn from_name(name: &str) -> Option<Self> {
-        TABLE.iter().find(|r| r.2.eq_ignore_ascii_case(name)).map(|r| r.0)
+        TABLE
+            .iter()
+            .find(|r| r.2.eq_ignore_ascii_case(name))
+            .map(|r| r.0)
     }
 
     pub fn id(self) -> u32 {
@@ -117,7 +153,7 @@ impl GgmlType {
     /// of blocks or the size overflows.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if n_elements % bs != 0 {
+        if !n_elements.is_multiple_of(bs) {
             return None;
         }
         (n_elements / bs).checked_mul(self.type_size() as u64)
@@ -140,6 +176,145 @@ impl GgmlType {
                 | GgmlType::Q6_K
         )
     }
+}
+
+impl GgmlType {
+    /// The format activations are quantized to before a dot product with weights of this
+    /// type: the same choice as ggml's CPU backend (`type_traits_cpu[..].vec_dot_type`), so
+    /// that shoal computes with the same integers as llama.cpp. Types shoal cannot compute
+    /// with map to F32.
+    pub fn vec_dot_type(self) -> GgmlType {
+        match self {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
+            GgmlType::Q4_1 | GgmlType::Q5_1 => GgmlType::Q8_1,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => GgmlType::Q8_K,
+            GgmlType::F16 => GgmlType::F16,
+            GgmlType::BF16 => GgmlType::BF16,
+            _ => GgmlType::F32,
+        }
+    }
+}
+
+/// See [`GgmlType::vec_dot_type`].
+pub fn vec_dot_type(ty: GgmlType) -> GgmlType {
+    ty.vec_dot_type()
+}
+
+/// Checks that `cols` elements are a whole number of blocks of `ty` and returns the bytes
+/// they take.
+pub fn row_bytes(ty: GgmlType, cols: usize) -> Result<usize> {
+    ty.bytes_for(cols as u64)
+        .map(|b| b as usize)
+        .ok_or(Error::BadRowLength {
+            ty: ty.name(),
+            cols,
+            block: ty.block_size(),
+        })
+}
+
+/// Quantizes one activation row `x` into `out` in format `ty`, one of the vec_dot_types
+/// (F32, F16, BF16, Q8_0, Q8_1, Q8_K). `out` must hold exactly the row's bytes.
+pub fn quantize_activations(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<()> {
+    let want = row_bytes(ty, x.len())?;
+    if out.len() != want {
+        return Err(Error::BadBufferSize {
+            what: "quantized activations",
+            want,
+            got: out.len(),
+        });
+    }
+    match ty {
+        GgmlType::F32 => act::quantize_row_f32(x, out),
+        GgmlType::F16 => act::quantize_row_f16(x, out),
+        GgmlType::BF16 => act::quantize_row_bf16(x, out),
+        GgmlType::Q8_0 => act::quantize_row_q8_0(x, out),
+        GgmlType::Q8_1 => act::quantize_row_q8_1(x, out),
+        GgmlType::Q8_K => act::quantize_row_q8_k(x, out),
+        _ => return Err(Error::UnsupportedType(ty.name())),
+    }
+    Ok(())
+}
+
+/// Dequantizes a whole number of blocks of `ty` from `src` into `dst`. Works for the weight
+/// types of [`GgmlType::is_supported`] and the activation formats Q8_1 and Q8_K.
+pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    use blocks::*;
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let per_block: fn(&[u8], &mut [f32]) = match ty {
+        GgmlType::F32 => |b, y| y[0] = f32_at(b, 0),
+        GgmlType::F16 => |b, y| y[0] = f16_at(b, 0),
+        GgmlType::BF16 => |b, y| y[0] = bf16_to_f32(u16_at(b, 0)),
+        GgmlType::Q4_0 => dequant_q4_0,
+        GgmlType::Q4_1 => dequant_q4_1,
+        GgmlType::Q5_0 => dequant_q5_0,
+        GgmlType::Q5_1 => dequant_q5_1,
+        GgmlType::Q8_0 => dequant_q8_0,
+        GgmlType::Q8_1 => dequant_q8_1,
+        GgmlType::Q4_K => dequant_q4_k,
+        GgmlType::Q5_K => dequant_q5_k,
+        GgmlType::Q6_K => dequant_q6_k,
+        GgmlType::Q8_K => dequant_q8_k,
+        _ => return Err(Error::UnsupportedType(ty.name())),
+    };
+    if !src.len().is_multiple_of(ts) {
+        let want = src.len().div_ceil(ts) * ts;
+        return Err(Error::BadBufferSize {
+            what: "quantized row",
+            want,
+            got: src.len(),
+        });
+    }
+    let want = src.len() / ts * bs;
+    if dst.len() != want {
+        return Err(Error::BadBufferSize {
+            what: "dequantized row",
+            want,
+            got: dst.len(),
+        });
+    }
+    for (b, y) in src.chunks_exact(ts).zip(dst.chunks_exact_mut(bs)) {
+        per_block(b, y);
+    }
+    Ok(())
+}
+
+/// The dot product of one weight row (`cols` elements of `ty`) with one activation row
+/// already in `ty`'s vec_dot_type, computed by the kernels of `level`.
+pub fn vec_dot(ty: GgmlType, level: SimdLevel, cols: usize, w: &[u8], a: &[u8]) -> Result<f32> {
+    let k = kernel::kernel(ty, level).ok_or(Error::UnsupportedType(ty.name()))?;
+    let want_w = row_bytes(ty, cols)?;
+    let want_a = row_bytes(ty.vec_dot_type(), cols)?;
+    if w.len() != want_w {
+        return Err(Error::BadBufferSize {
+            what: "weight row",
+            want: want_w,
+            got: w.len(),
+        });
+    }
+    if a.len() != want_a {
+        return Err(Error::BadBufferSize {
+            what: "activation row",
+            want: want_a,
+            got: a.len(),
+        });
+    }
+    let a = k.relayout_act(ty, a);
+    let mut out = 0.0f32;
+    let tile = kernel::Tile {
+        w: w.as_ptr(),
+        w_stride: want_w,
+        rows: 1,
+        a: a.as_ptr(),
+        a_stride: a.len(),
+        toks: 1,
+        out: &mut out,
+        out_stride: 1,
+        nb: cols / ty.block_size(),
+    };
+    // SAFETY: both rows were checked to hold `cols` elements of their formats, and the
+    // relaid activations are what the kernel reads.
+    unsafe { (k.tile)(&tile) };
+    Ok(out)
 }
 
 impl std::fmt::Display for GgmlType {

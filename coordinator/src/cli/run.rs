@@ -1,0 +1,116 @@
+//! `shoal run`: one prompt, one completion, in this process.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use shoal_model::chat::ChatMessage;
+use shoal_model::engine::{Engine, GenerateRequest};
+use shoal_model::sampling::SamplingParams;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Path of the GGUF model file.
+    #[arg(long, short, env = "SHOAL_MODEL")]
+    model: PathBuf,
+    /// Compute threads (default: all cores).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Seed of the sampler (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context length (default: the model's, at most 4096).
+    #[arg(long, default_value_t = 0)]
+    ctx: usize,
+    /// Format the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Keep generating past end-of-generation tokens (raw greedy runs, like llama-bench).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print timings and peak memory to stderr when done.
+    #[arg(long)]
+    print_stats: bool,
+    /// The prompt.
+    prompt: String,
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let threads = a.threads.unwrap_or_else(super::default_threads);
+    let mut engine = Engine::load(&a.model, threads, a.ctx)?;
+    super::prefault(&engine.file);
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        seed: a.seed,
+        ..SamplingParams::default()
+    };
+    params.validate().map_err(anyhow::Error::msg)?;
+    let prompt_tokens = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone() });
+        let text = engine.apply_chat(&messages)?;
+        // The template writes BOS itself when the model wants one.
+        engine.tokenizer.encode(&text, false, true)?
+    } else {
+        engine.tokenize(&a.prompt, false)?
+    };
+    let req = GenerateRequest {
+        prompt_tokens,
+        params,
+        max_tokens: a.max_tokens,
+        stop: a.stop,
+        stop_at_eog: !a.ignore_eos,
+    };
+    let mut out = std::io::stdout().lock();
+    let t0 = std::time::Instant::now();
+    let mut write_err = None;
+    let g = engine.generate(&req, |piece| {
+        if write_err.is_none()
+            && let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush())
+        {
+            write_err = Some(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    writeln!(out)?;
+    let dt = t0.elapsed().as_secs_f64();
+    if a.print_stats {
+        eprintln!(
+            "shoal: prompt_tokens={} generated_tokens={} finish={} seconds={dt:.3} peak_rss_bytes={}",
+            g.n_prompt,
+            g.tokens.len(),
+            g.finish.as_str(),
+            super::peak_rss_bytes().unwrap_or(0)
+        );
+    }
+    Ok(())
+}

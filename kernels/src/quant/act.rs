@@ -1,0 +1,193 @@
+//! Quantization of activations (rows of f32) into the "vec_dot_type" of a weight type.
+//!
+//! The results must equal what llama.cpp's CPU backend computes on x86, so that shoal and
+//! llama.cpp see the same integers:
+//! - Q8_0 / Q8_1 follow ggml's AVX2 `quantize_row_q8_0/1` (the path an x86 build takes):
+//!   `d = amax / 127` stored as f16, `q = round_ties_even(x · (127 / amax))`, and for Q8_1
+//!   `s = f16(d · Σq)`. (ggml's scalar `_ref` variant multiplies by `1/d` and rounds half
+//!   away from zero; the two differ only on exact ties and in the last bit of the
+//!   multiplier.)
+//! - Q8_K follows `quantize_row_q8_K_ref` (which x86 also uses): the element of largest
+//!   magnitude `max` (the first one on ties) sets `iscale = -127 / max`,
+//!   `q = min(127, nearest_int(iscale · x))` (round half to even), `d = 1 / iscale`, so `d`
+//!   carries the opposite sign of `max`; `bsums` are sums of 16 consecutive quants.
+//! - F16 and BF16 round to nearest even (BF16 keeps NaNs quiet, as ggml does).
+
+use super::blocks::*;
+
+/// Quantizes `x` (a whole number of 32-blocks) to Q8_0 blocks in `y`.
+pub fn quantize_row_q8_0(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!(x.len() % QK, 0);
+    debug_assert_eq!(y.len(), x.len() / QK * Q8_0_BYTES);
+    for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_0_BYTES)) {
+        let (d, _) = q8_block(xb, &mut yb[2..34]);
+        yb[0..2].copy_from_slice(&f32_to_f16(d).to_le_bytes());
+    }
+}
+
+/// Quantizes `x` (a whole number of 32-blocks) to Q8_1 blocks in `y`.
+pub fn quantize_row_q8_1(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!(x.len() % QK, 0);
+    debug_assert_eq!(y.len(), x.len() / QK * Q8_1_BYTES);
+    for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(Q8_1_BYTES)) {
+        let (d, sum) = q8_block(xb, &mut yb[4..36]);
+        yb[0..2].copy_from_slice(&f32_to_f16(d).to_le_bytes());
+        yb[2..4].copy_from_slice(&f32_to_f16(d * sum as f32).to_le_bytes());
+    }
+}
+
+/// One 32-block of Q8_0/Q8_1: writes the quants, returns `(d, Σq)`.
+#[inline(always)]
+fn q8_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (qi, &v) in q.iter_mut().zip(x) {
+        let r = (v * id).round_ties_even() as i32;
+        let r = r.clamp(-128, 127);
+        sum += r;
+        *qi = r as i8 as u8;
+    }
+    (d, sum)
+}
+
+/// Quantizes `x` (a whole number of 256-blocks) to Q8_K blocks in `y`.
+pub fn quantize_row_q8_k(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!(x.len() % QK_K, 0);
+    debug_assert_eq!(y.len(), x.len() / QK_K * Q8_K_BYTES);
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(Q8_K_BYTES)) {
+        let mut amax = 0.0f32;
+        let mut max = 0.0f32;
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            yb.fill(0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        let (head, tail) = yb.split_at_mut(Q8_K_BSUMS);
+        let qs = &mut head[Q8_K_QS..];
+        for (qi, &v) in qs.iter_mut().zip(xb) {
+            let r = ((iscale * v).round_ties_even() as i32).min(127);
+            *qi = r as i8 as u8;
+        }
+        for (g, bs) in tail.chunks_exact_mut(2).enumerate() {
+            let s: i32 = qs[16 * g..16 * g + 16]
+                .iter()
+                .map(|&q| q as i8 as i32)
+                .sum();
+            bs.copy_from_slice(&(s as i16).to_le_bytes());
+        }
+        head[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
+/// Converts `x` to little-endian f16 in `y` (2 bytes per element).
+pub fn quantize_row_f16(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!(y.len(), x.len() * 2);
+    for (v, o) in x.iter().zip(y.chunks_exact_mut(2)) {
+        o.copy_from_slice(&f32_to_f16(*v).to_le_bytes());
+    }
+}
+
+/// Converts `x` to little-endian bf16 in `y` (2 bytes per element).
+pub fn quantize_row_bf16(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!(y.len(), x.len() * 2);
+    for (v, o) in x.iter().zip(y.chunks_exact_mut(2)) {
+        o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+    }
+}
+
+/// Copies `x` as little-endian f32 bytes into `y`.
+pub fn quantize_row_f32(x: &[f32], y: &mut [u8]) {
+    debug_assert_eq!(y.len(), x.len() * 4);
+    for (v, o) in x.iter().zip(y.chunks_exact_mut(4)) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pair layout of Q8_0/Q8_1 activations for the x86 kernels.
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes of one pair record.
+pub const PAIR_BYTES: usize = 128;
+
+/// Bytes of a row of `cols` elements in the pair layout (an odd last block gets a zero twin).
+pub fn pair_row_bytes(cols: usize) -> usize {
+    (cols / QK).div_ceil(2) * PAIR_BYTES
+}
+
+/// Rewrites the Q8_0 (`min == false`) or Q8_1 (`min == true`) blocks of `blocks` (one row,
+/// same values) into the pair layout the x86 kernels of the 32-element formats read. Each
+/// pair of blocks `2p`, `2p+1` becomes one 128-byte record:
+///
+/// | bytes    | content |
+/// |----------|---------|
+/// | 0..16    | quants 0..16 of block 2p |
+/// | 16..32   | quants 0..16 of block 2p+1 |
+/// | 32..48   | quants 16..32 of block 2p |
+/// | 48..64   | quants 16..32 of block 2p+1 |
+/// | 64..96   | f32 × 8: `d` of block 2p four times, then `d` of block 2p+1 four times |
+/// | 96..128  | Q8_0: i32 × 8: `-off·Σq` of block 2p in lane 0, of block 2p+1 in lane 4, else 0 |
+/// |          | Q8_1: f32 × 8: `s` of block 2p, `s` of block 2p+1, then zeros |
+///
+/// so that one 32-byte load gives the same half of two blocks, matching two blocks of 4-bit
+/// weights unpacked from one register; `-off·Σq` starts the integer sum of weights stored
+/// with an offset (`q + off`, e.g. 16 for Q5_0), which makes them unsigned. `d` and `s` are
+/// the f16 values widened, so no rounding changes. A missing last block is all zeros.
+pub fn pack_q8_pairs(blocks: &[u8], min: bool, off: i32, out: &mut [u8]) {
+    let (bb, qs) = if min {
+        (Q8_1_BYTES, 4)
+    } else {
+        (Q8_0_BYTES, 2)
+    };
+    let nb = blocks.len() / bb;
+    debug_assert_eq!(out.len(), nb.div_ceil(2) * PAIR_BYTES);
+    for (p, rec) in out.chunks_exact_mut(PAIR_BYTES).enumerate() {
+        rec.fill(0);
+        for k in 0..2 {
+            let b = 2 * p + k;
+            if b >= nb {
+                break;
+            }
+            let blk = &blocks[b * bb..(b + 1) * bb];
+            let q = &blk[qs..qs + 32];
+            rec[16 * k..16 * k + 16].copy_from_slice(&q[..16]);
+            rec[32 + 16 * k..32 + 16 * k + 16].copy_from_slice(&q[16..]);
+            let d = f16_at(blk, 0).to_le_bytes();
+            for l in 0..4 {
+                rec[64 + 16 * k + 4 * l..][..4].copy_from_slice(&d);
+            }
+            if min {
+                rec[96 + 4 * k..][..4].copy_from_slice(&f16_at(blk, 2).to_le_bytes());
+            } else {
+                let sum: i32 = q.iter().map(|&v| v as i8 as i32).sum();
+                rec[96 + 16 * k..][..4].copy_from_slice(&(-off * sum).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Quantizes `x` (a whole number of 32-blocks) to Q8_0 or Q8_1 (`min`) straight into the
+/// pair layout of [`pack_q8_pairs`].
+pub fn quantize_row_q8_pairs(x: &[f32], min: bool, off: i32, out: &mut [u8]) {
+    debug_assert_eq!(x.len() % QK, 0);
+    debug_assert_eq!(out.len(), pair_row_bytes(x.len()));
+    let bb = if min { Q8_1_BYTES } else { Q8_0_BYTES };
+    let mut tmp = [0u8; 2 * Q8_1_BYTES];
+    for (xc, rec) in x.chunks(2 * QK).zip(out.chunks_exact_mut(PAIR_BYTES)) {
+        let blocks = &mut tmp[..xc.len() / QK * bb];
+        if min {
+            quantize_row_q8_1(xc, blocks);
+        } else {
+            quantize_row_q8_0(xc, blocks);
+        }
+        pack_q8_pairs(blocks, min, off, rec);
+    }
+}

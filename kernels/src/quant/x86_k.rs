@@ -1,0 +1,255 @@
+//! x86-64 kernels for the K formats (Q4_K, Q5_K, Q6_K against Q8_K).
+//!
+//! AVX2 works on 32 quants per register like ggml's AVX2 kernels: `vpmaddubsw` of the
+//! unsigned weight quants with the activation bytes, `vpmaddwd` with the sub-block scale,
+//! i32 lanes summed over the super-block, then one `fma(dx·dy, float(lanes), acc)`. The mins
+//! of Q4_K/Q5_K and Q6_K's offset of 32 come from the activation's `bsums`.
+//!
+//! AVX-512 does the same on 64 quants per register (two Q4_K/Q5_K sub-blocks, or four Q6_K
+//! scale groups), which halves the instruction count.
+
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+use super::blocks::*;
+use super::kernel::{RowDot, Tile, TileFn, drive};
+use std::marker::PhantomData;
+
+use super::x86::{Avx2, Isa, Vnni, f16_ptr, f16x2_ptr, f32_ptr, finish, ld128, ld256};
+use crate::GgmlType;
+use crate::cpu::SimdLevel;
+
+/// The 8 scales and 8 mins of the Q4_K/Q5_K block at `x` as bytes 0..8 and 8..16, unpacked
+/// in registers the same way as `blocks::k4_scales_mins`. Reads bytes 4..20 of the block.
+#[inline(always)]
+unsafe fn k4_scales(x: *const u8) -> __m128i {
+    let v = ld128(x.add(4)); // dwords s0, s1, s2 (and 4 bytes of what follows)
+    // Low 6 bits of the scales (s0) and mins (s1); low 4 bits of scales 4..8 and mins 4..8
+    // from the nibbles of s2.
+    let t = _mm_srlv_epi32(
+        _mm_shuffle_epi32(v, 0b10_01_10_00),
+        _mm_setr_epi32(0, 0, 0, 4),
+    );
+    let low = _mm_and_si128(
+        t,
+        _mm_setr_epi32(0x3f3f_3f3f, 0x0f0f_0f0f, 0x3f3f_3f3f, 0x0f0f_0f0f),
+    );
+    // Top 2 bits of scales 4..8 (bits 6..8 of s0) and mins 4..8 (of s1), moved to bits 4..6.
+    let top = _mm_srli_epi32(_mm_shuffle_epi32(v, 0b01_01_00_00), 2);
+    let top = _mm_and_si128(top, _mm_setr_epi32(0, 0x3030_3030, 0, 0x3030_3030));
+    _mm_or_si128(low, top)
+}
+
+/// `vpshufb` patterns over `[k4_scales | k4_scales]`: pattern `i < 8` broadcasts scale `i`
+/// zero-extended to every i16 lane; pattern 8 gives the mins each repeated twice
+/// (`m0 m0 m1 m1 … m7 m7`), to pair with the 16 `bsums` of a Q8_K block.
+static K4_PICK: [[u8; 32]; 9] = {
+    let mut t = [[0x80u8; 32]; 9];
+    let mut i = 0;
+    while i < 8 {
+        let mut b = 0;
+        while b < 32 {
+            t[i][b] = i as u8;
+            b += 2;
+        }
+        i += 1;
+    }
+    let mut l = 0;
+    while l < 16 {
+        t[8][2 * l] = (8 + l / 2) as u8;
+        l += 1;
+    }
+    t
+};
+
+/// The address of a shuffle table, hidden from the optimizer: with the patterns known,
+/// LLVM rewrites each one-instruction `vpshufb` as two narrower shuffles.
+#[inline(always)]
+fn opaque<T>(p: *const T) -> *const u8 {
+    std::hint::black_box(p as *const u8)
+}
+
+/// 0x10 in each byte whose bit `bit` (0..8) of `qh` is set. Shifting 16-bit lanes moves bits
+/// across bytes, but only bit 4 of each byte is kept and it comes from the same byte.
+#[inline(always)]
+unsafe fn q5_hbit(qh: __m256i, bit: i32) -> __m256i {
+    let moved = if bit <= 4 {
+        _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - bit))
+    } else {
+        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(bit - 4))
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
+}
+
+/// Q4_K (`Q5 == false`) or Q5_K (`Q5 == true`), 32 quants per register.
+pub(crate) struct Q45k<I, const Q5: bool>(PhantomData<I>);
+
+impl<I: Isa, const Q5: bool> RowDot for Q45k<I, Q5> {
+    const GROUP: usize = if I::MANY_REGS { 8 } else { 4 };
+
+    #[inline(always)]
+    unsafe fn dot<const N: usize>(nb: usize, w: *const u8, a: *const u8, st: usize) -> [f32; N] {
+        let bytes = if Q5 { Q5_K_BYTES } else { Q4_K_BYTES };
+        let qs_off = if Q5 { 48 } else { 16 };
+        let m4 = _mm256_set1_epi8(0x0f);
+        let pick = opaque(K4_PICK.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            let x = w.add(b * bytes);
+            let sm = _mm256_broadcastsi128_si256(k4_scales(x));
+            let mins2 = _mm256_shuffle_epi8(sm, ld256(pick.add(32 * 8)));
+            let qh = if Q5 {
+                ld256(x.add(16))
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for j in 0..4 {
+                let q = ld256(x.add(qs_off + 32 * j));
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if Q5 {
+                    lo = _mm256_or_si256(lo, q5_hbit(qh, 2 * j as i32));
+                    hi = _mm256_or_si256(hi, q5_hbit(qh, 2 * j as i32 + 1));
+                }
+                let sl = _mm256_shuffle_epi8(sm, ld256(pick.add(32 * (2 * j))));
+                let sh = _mm256_shuffle_epi8(sm, ld256(pick.add(32 * (2 * j + 1))));
+                for c in 0..N {
+                    let y = a.add(c * st + b * Q8_K_BYTES + Q8_K_QS + 64 * j);
+                    let pl = _mm256_maddubs_epi16(lo, ld256(y));
+                    let ph = _mm256_maddubs_epi16(hi, ld256(y.add(32)));
+                    sumi[c] = I::wdot(I::wdot(sumi[c], pl, sl), ph, sh);
+                }
+            }
+            let dd = f16x2_ptr(x);
+            let (dx, dmx) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            for c in 0..N {
+                let y = a.add(c * st + b * Q8_K_BYTES);
+                let yd = f32_ptr(y);
+                // Σ_j min_j · (bsum_2j + bsum_2j+1), spread over 8 lanes.
+                let m = _mm256_madd_epi16(ld256(y.add(Q8_K_BSUMS)), mins2);
+                let acc1 =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dx * yd), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+                acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmx * yd), _mm256_cvtepi32_ps(m), acc1);
+            }
+        }
+        finish(&acc)
+    }
+}
+
+/// `vpshufb` patterns over 8 i16 scales repeated in both 128-bit halves: pattern `k` (0..4)
+/// fills the low half with scale `2k` and the high half with scale `2k + 1`.
+static Q6_PICK: [[u8; 32]; 4] = {
+    let mut t = [[0u8; 32]; 4];
+    let mut k = 0;
+    while k < 4 {
+        let mut b = 0;
+        while b < 32 {
+            let lane = 2 * k + b / 16;
+            t[k][b] = (2 * lane + b % 2) as u8;
+            b += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
+/// Q6_K, 32 quants per register. The quants are used unsigned (0..64); their offset of 32 is
+/// taken off once per block as `32 · Σ_g scale_g · bsum_g`.
+pub(crate) struct Q6k<I>(PhantomData<I>);
+
+impl<I: Isa> RowDot for Q6k<I> {
+    const GROUP: usize = if I::MANY_REGS { 8 } else { 4 };
+
+    #[inline(always)]
+    unsafe fn dot<const N: usize>(nb: usize, w: *const u8, a: *const u8, st: usize) -> [f32; N] {
+        let m15 = _mm256_set1_epi8(0x0f);
+        let pick = opaque(Q6_PICK.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            let x = w.add(b * Q6_K_BYTES);
+            let sc16 = _mm256_cvtepi8_epi16(ld128(x.add(192)));
+            // -32 · scale, per group of 16 quants, against the activation's bsums.
+            let neg_sc32 = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(sc16, 5));
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for c in 0..N {
+                let y = a.add(c * st + b * Q8_K_BYTES);
+                sumi[c] = I::wdot(sumi[c], ld256(y.add(Q8_K_BSUMS)), neg_sc32);
+            }
+            for h in 0..2 {
+                // Scales 8h..8h+8 (of this half) in both 128-bit halves.
+                let sc_h = if h == 0 {
+                    _mm256_permute2x128_si256(sc16, sc16, 0x00)
+                } else {
+                    _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                };
+                let ql0 = ld256(x.add(64 * h));
+                let ql1 = ld256(x.add(64 * h + 32));
+                let qh = ld256(x.add(128 + 32 * h));
+                for k in 0..4 {
+                    let src = if k & 1 == 0 { ql0 } else { ql1 };
+                    let low = if k < 2 {
+                        _mm256_and_si256(src, m15)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(src, 4), m15)
+                    };
+                    let high = match k {
+                        0 => _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4),
+                        1 => _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(12)), 2),
+                        2 => _mm256_and_si256(qh, _mm256_set1_epi8(48)),
+                        _ => _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(-64)), 2),
+                    };
+                    let q = _mm256_or_si256(low, high);
+                    let scale = _mm256_shuffle_epi8(sc_h, ld256(pick.add(32 * k)));
+                    for c in 0..N {
+                        let y = a.add(c * st + b * Q8_K_BYTES + Q8_K_QS + 128 * h + 32 * k);
+                        sumi[c] = I::wdot(sumi[c], _mm256_maddubs_epi16(q, ld256(y)), scale);
+                    }
+                }
+            }
+            let dx = f16_ptr(x.add(208));
+            for c in 0..N {
+                let d = _mm256_set1_ps(dx * f32_ptr(a.add(c * st + b * Q8_K_BYTES)));
+                acc[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+            }
+        }
+        finish(&acc)
+    }
+}
+
+macro_rules! entries {
+    ($feat:literal: $($name:ident => $kern:ty),* $(,)?) => {$(
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(t: &Tile) {
+            drive::<$kern>(t)
+        }
+    )*};
+}
+
+entries! { "avx2,fma,f16c":
+    avx2_q4_k => Q45k<Avx2, false>,
+    avx2_q5_k => Q45k<Avx2, true>,
+    avx2_q6_k => Q6k<Avx2>,
+}
+
+entries! { "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni":
+    avx512_q4_k => Q45k<Vnni, false>,
+    avx512_q5_k => Q45k<Vnni, true>,
+    avx512_q6_k => Q6k<Vnni>,
+}
+
+/// The K-format kernel for `ty` at `level` (already clamped to the CPU).
+pub(crate) fn tile_fn(ty: GgmlType, level: SimdLevel) -> Option<TileFn> {
+    let f: TileFn = match (level, ty) {
+        (SimdLevel::Portable, _) => return None,
+        (SimdLevel::Avx2, GgmlType::Q4_K) => avx2_q4_k,
+        (SimdLevel::Avx2, GgmlType::Q5_K) => avx2_q5_k,
+        (SimdLevel::Avx2, GgmlType::Q6_K) => avx2_q6_k,
+        (SimdLevel::Avx512, GgmlType::Q4_K) => avx512_q4_k,
+        (SimdLevel::Avx512, GgmlType::Q5_K) => avx512_q5_k,
+        (SimdLevel::Avx512, GgmlType::Q6_K) => avx512_q6_k,
+        _ => return None,
+    };
+    Some(f)
+}

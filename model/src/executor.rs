@@ -1,0 +1,343 @@
+//! The shard executor: runs layers [a, b) of a decoder for a batch of sequences.
+//!
+//! One step takes a list of chunks, one per sequence (`n_tokens` = 1 for decode, more for a
+//! prefill chunk), concatenated into one activation matrix so every weight matrix is read once
+//! per step for the whole batch. Each sequence has its own KV cache (f16, like llama.cpp's
+//! default) for the shard's layers, and its own position, which the executor tracks: every
+//! stage of a pipeline sees the same chunks in the same order, so positions need not travel.
+//!
+//! Input is token ids when the shard holds the embedding, hidden states otherwise; output is
+//! the last token's logits of each chunk when the shard holds the head, hidden states
+//! otherwise. Follows llama.cpp's `llm_build_llama` graph (pre-norm, SwiGLU, GQA).
+//! This module must not know about the network: the worker wires it to gRPC.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use shoal_kernels::attention::{AttnNumerics, AttnShape, attention_with, f32_to_f16_row};
+use shoal_kernels::matmul::{dequantize_row, matmul};
+use shoal_kernels::ops::{RopeCache, add_bias_rows, add_inplace, rms_norm, swiglu_inplace};
+use shoal_kernels::ThreadPool;
+
+use crate::arch::RopeKind;
+use crate::weights::{Matrix, Weights};
+use crate::{Error, Result};
+
+/// One sequence's part of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqChunk {
+    pub seq: u64,
+    pub n_tokens: usize,
+}
+
+/// What a step consumes.
+#[derive(Clone, Copy, Debug)]
+pub enum StageInput<'a> {
+    /// Token ids, one per token of the chunks (the shard holds the embedding).
+    Tokens(&'a [u32]),
+    /// Hidden states `(n_tokens, n_embd)` from the previous stage.
+    Hidden(&'a [f32]),
+}
+
+/// What a step produces.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageOutput {
+    /// Hidden states `(n_tokens, n_embd)` for the next stage.
+    Hidden(Vec<f32>),
+    /// Logits `(n_chunks, n_vocab)` of the last token of each chunk.
+    Logits(Vec<f32>),
+}
+
+/// KV cache of one sequence for the shard's layers: `k[l]`, `v[l]` are `(n_past, kv_dim)`.
+#[derive(Debug, Default)]
+struct SeqCache {
+    n_past: usize,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+}
+
+/// Activation buffers reused across steps, grown to the largest batch seen.
+#[derive(Debug, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    quant: Vec<u8>,
+}
+
+fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
+/// Runs a shard of a model for batches of sequences.
+pub struct ShardExecutor {
+    weights: Arc<Weights>,
+    pool: ThreadPool,
+    rope: RopeCache,
+    n_ctx: usize,
+    attn: AttnNumerics,
+    seqs: HashMap<u64, SeqCache>,
+    s: Scratch,
+}
+
+impl std::fmt::Debug for ShardExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardExecutor")
+            .field("spec", &self.weights.spec)
+            .field("n_ctx", &self.n_ctx)
+            .field("sequences", &self.seqs.len())
+            .finish()
+    }
+}
+
+impl ShardExecutor {
+    /// An executor over `weights` with `n_threads` compute threads and at most `n_ctx`
+    /// positions per sequence.
+    ///
+    /// Attention rounds like llama.cpp's default CPU path (flash attention, f16 KV, see
+    /// [`AttnNumerics::GgmlFlash`]) for a llama.cpp context of `n_ctx` cells and `n_threads`
+    /// threads, so that greedy output matches llama.cpp token for token even where the top
+    /// two logits are within float noise. [`Self::set_attention_numerics`] changes that.
+    pub fn new(weights: Arc<Weights>, n_threads: usize, n_ctx: usize) -> ShardExecutor {
+        let c = &weights.config;
+        let rope = RopeCache::new(c.n_rot, c.rope_freq_base, c.rope_freq_scale);
+        ShardExecutor {
+            weights,
+            pool: ThreadPool::new(n_threads),
+            rope,
+            n_ctx,
+            attn: AttnNumerics::GgmlFlash { n_ctx, n_threads: n_threads.max(1) },
+            seqs: HashMap::new(),
+            s: Scratch::default(),
+        }
+    }
+
+    /// Chooses how attention rounds (see [`AttnNumerics`]).
+    pub fn set_attention_numerics(&mut self, attn: AttnNumerics) {
+        self.attn = attn;
+    }
+
+    pub fn weights(&self) -> &Arc<Weights> {
+        &self.weights
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    /// Starts an empty sequence. Starting a known sequence resets it.
+    pub fn add_sequence(&mut self, seq: u64) {
+        let n = self.weights.layers.len();
+        self.seqs.insert(seq, SeqCache { n_past: 0, k: vec![Vec::new(); n], v: vec![Vec::new(); n] });
+    }
+
+    /// Drops a sequence and its KV cache. Returns whether it existed.
+    pub fn release(&mut self, seq: u64) -> bool {
+        self.seqs.remove(&seq).is_some()
+    }
+
+    /// Positions already in a sequence's cache.
+    pub fn seq_len(&self, seq: u64) -> Option<usize> {
+        self.seqs.get(&seq).map(|c| c.n_past)
+    }
+
+    /// Forgets positions `n..` of a sequence (to re-run or roll back).
+    pub fn truncate(&mut self, seq: u64, n: usize) -> Result<()> {
+        let kv = self.weights.config.kv_dim();
+        let c = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+        if n < c.n_past {
+            c.n_past = n;
+            for l in c.k.iter_mut().chain(c.v.iter_mut()) {
+                l.truncate(n * kv);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of KV cache held by all sequences.
+    pub fn kv_bytes(&self) -> usize {
+        self.seqs.values().flat_map(|c| c.k.iter().chain(c.v.iter())).map(|l| l.len() * 2).sum()
+    }
+
+    /// Runs one step. See the module docs for the shapes.
+    pub fn forward(&mut self, chunks: &[SeqChunk], input: StageInput<'_>) -> Result<StageOutput> {
+        let w = Arc::clone(&self.weights);
+        let c = &w.config;
+        let (e, qd, kvd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+        let n: usize = chunks.iter().map(|ch| ch.n_tokens).sum();
+        self.check_chunks(chunks)?;
+
+        let s = &mut self.s;
+        let x = grow(&mut s.x, n * e);
+        match input {
+            StageInput::Tokens(ids) => {
+                let embed = w.embed.as_ref().ok_or_else(|| {
+                    Error::InvalidRequest("this shard has no embedding: send hidden states".into())
+                })?;
+                if ids.len() != n {
+                    return Err(Error::InvalidRequest(format!(
+                        "{} token ids for chunks totalling {n} tokens",
+                        ids.len()
+                    )));
+                }
+                let m = w.qmatrix(embed);
+                for (t, &id) in ids.iter().enumerate() {
+                    if id as usize >= embed.rows {
+                        return Err(Error::InvalidRequest(format!(
+                            "token id {id} is outside the vocabulary of {}",
+                            embed.rows
+                        )));
+                    }
+                    dequantize_row(embed.ty, m.row(id as usize), &mut x[t * e..(t + 1) * e])?;
+                }
+            }
+            StageInput::Hidden(h) => {
+                if w.embed.is_some() && w.spec.layers.start == 0 {
+                    return Err(Error::InvalidRequest("this shard embeds: send token ids".into()));
+                }
+                if h.len() != n * e {
+                    return Err(Error::InvalidRequest(format!(
+                        "hidden states of {} floats, expected {n} tokens × {e}",
+                        h.len()
+                    )));
+                }
+                x.copy_from_slice(h);
+            }
+        }
+
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let neox = c.traits.rope == RopeKind::Neox;
+        for (li, lw) in w.layers.iter().enumerate() {
+            // Attention block.
+            // x: (n, e) -> xn: (n, e)
+            let xn = grow(&mut s.xn, n * e);
+            for t in 0..n {
+                rms_norm(&s.x[t * e..(t + 1) * e], &lw.attn_norm, c.rms_eps, &mut xn[t * e..(t + 1) * e]);
+            }
+            // xn: (n, e) · wq: (qd, e) -> q: (n, qd); k, v: (n, kvd)
+            let q = grow(&mut s.q, n * qd);
+            mm(&self.pool, &w, &lw.wq, &s.xn[..n * e], n, q, &mut s.quant);
+            let k = grow(&mut s.k, n * kvd);
+            mm(&self.pool, &w, &lw.wk, &s.xn[..n * e], n, k, &mut s.quant);
+            let v = grow(&mut s.v, n * kvd);
+            mm(&self.pool, &w, &lw.wv, &s.xn[..n * e], n, v, &mut s.quant);
+            if let (Some(bq), Some(bk), Some(bv)) = (&lw.bq, &lw.bk, &lw.bv) {
+                add_bias_rows(&mut s.q[..n * qd], bq);
+                add_bias_rows(&mut s.k[..n * kvd], bk);
+                add_bias_rows(&mut s.v[..n * kvd], bv);
+            }
+            let att = grow(&mut s.att, n * qd);
+            let mut t0 = 0;
+            for ch in chunks {
+                let cache = self.seqs.get_mut(&ch.seq).expect("checked above");
+                let nt = ch.n_tokens;
+                for j in 0..nt {
+                    let t = t0 + j;
+                    let pos = cache.n_past + j;
+                    self.rope.rope(&mut s.q[t * qd..(t + 1) * qd], c.n_head, c.head_dim, pos, neox);
+                    self.rope.rope(&mut s.k[t * kvd..(t + 1) * kvd], c.n_head_kv, c.head_dim, pos, neox);
+                }
+                for (cache_l, src) in [(&mut cache.k[li], &s.k), (&mut cache.v[li], &s.v)] {
+                    let old = cache_l.len();
+                    cache_l.resize(old + nt * kvd, f16::ZERO);
+                    f32_to_f16_row(&src[t0 * kvd..(t0 + nt) * kvd], &mut cache_l[old..]);
+                }
+                let shape = AttnShape {
+                    n_tok: nt,
+                    n_past: cache.n_past,
+                    n_head: c.n_head,
+                    n_kv_head: c.n_head_kv,
+                    head_dim: c.head_dim,
+                    scale,
+                };
+                let (q_rows, out_rows) = (t0 * qd..(t0 + nt) * qd, t0 * qd..(t0 + nt) * qd);
+                attention_with(
+                    self.attn,
+                    &self.pool,
+                    &s.q[q_rows],
+                    &cache.k[li],
+                    &cache.v[li],
+                    &shape,
+                    &mut att[out_rows],
+                );
+                t0 += nt;
+            }
+            // att: (n, qd) · wo: (e, qd) -> tmp: (n, e); x += tmp
+            let tmp = grow(&mut s.tmp, n * e);
+            mm(&self.pool, &w, &lw.wo, &s.att[..n * qd], n, tmp, &mut s.quant);
+            add_inplace(&mut s.x[..n * e], &s.tmp[..n * e]);
+
+            // Feed-forward block: x += down(silu(gate(xn)) * up(xn)).
+            let xn = grow(&mut s.xn, n * e);
+            for t in 0..n {
+                rms_norm(&s.x[t * e..(t + 1) * e], &lw.ffn_norm, c.rms_eps, &mut xn[t * e..(t + 1) * e]);
+            }
+            let gate = grow(&mut s.gate, n * ff);
+            mm(&self.pool, &w, &lw.w_gate, &s.xn[..n * e], n, gate, &mut s.quant);
+            let up = grow(&mut s.up, n * ff);
+            mm(&self.pool, &w, &lw.w_up, &s.xn[..n * e], n, up, &mut s.quant);
+            swiglu_inplace(&mut s.gate[..n * ff], &s.up[..n * ff]);
+            let tmp = grow(&mut s.tmp, n * e);
+            mm(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, tmp, &mut s.quant);
+            add_inplace(&mut s.x[..n * e], &s.tmp[..n * e]);
+        }
+        for ch in chunks {
+            self.seqs.get_mut(&ch.seq).expect("checked above").n_past += ch.n_tokens;
+        }
+
+        let (Some(norm), Some(out)) = (&w.output_norm, &w.output) else {
+            return Ok(StageOutput::Hidden(s.x[..n * e].to_vec()));
+        };
+        // Last token of each chunk: (n_chunks, e) -> logits (n_chunks, n_vocab).
+        let nc = chunks.len();
+        let xn = grow(&mut s.xn, nc * e);
+        let mut t_last = 0;
+        for (i, ch) in chunks.iter().enumerate() {
+            t_last += ch.n_tokens;
+            let t = t_last - 1;
+            rms_norm(&s.x[t * e..(t + 1) * e], norm, c.rms_eps, &mut xn[i * e..(i + 1) * e]);
+        }
+        let mut logits = vec![0f32; nc * out.rows];
+        mm(&self.pool, &w, out, &s.xn[..nc * e], nc, &mut logits, &mut s.quant);
+        Ok(StageOutput::Logits(logits))
+    }
+
+    fn check_chunks(&self, chunks: &[SeqChunk]) -> Result<()> {
+        if chunks.is_empty() {
+            return Err(Error::InvalidRequest("empty batch".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for ch in chunks {
+            let cache = self.seqs.get(&ch.seq).ok_or(Error::UnknownSequence(ch.seq))?;
+            if ch.n_tokens == 0 {
+                return Err(Error::InvalidRequest(format!("sequence {} has an empty chunk", ch.seq)));
+            }
+            if !seen.insert(ch.seq) {
+                return Err(Error::InvalidRequest(format!("sequence {} appears twice", ch.seq)));
+            }
+            let want = cache.n_past + ch.n_tokens;
+            if want > self.n_ctx {
+                return Err(Error::ContextFull { seq: ch.seq, want, limit: self.n_ctx });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mm(pool: &ThreadPool, w: &Weights, m: &Matrix, x: &[f32], n: usize, out: &mut [f32], q: &mut Vec<u8>) {
+    matmul(pool, &w.qmatrix(m), x, n, out, q);
+}

@@ -1,0 +1,194 @@
+//! The tensors of one shard, as views into the memory-mapped GGUF file.
+//!
+//! A shard is a layer range `[a, b)` plus, optionally, the token embedding (first stage) and
+//! the output norm and head (last stage). Only those tensors are looked up and touched, so a
+//! worker holding layers 40..60 of a 70B model never pages in the rest. Large matrices stay in
+//! the map (zero-copy); the small per-layer vectors (norm weights, biases) are dequantized to
+//! f32 once, since the kernels want them as `&[f32]` and they are a few KB.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use shoal_kernels::GgmlType;
+use shoal_kernels::matmul::{QMatrix, dequantize_row};
+
+use crate::arch::Config;
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::{Error, Result};
+
+/// Which part of the model a shard holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub layers: Range<usize>,
+    /// Holds `token_embd` and so takes token ids as input.
+    pub embed: bool,
+    /// Holds `output_norm` and `output` and so produces logits.
+    pub head: bool,
+}
+
+impl ShardSpec {
+    /// The whole model in one shard.
+    pub fn full(n_layer: usize) -> ShardSpec {
+        ShardSpec { layers: 0..n_layer, embed: true, head: true }
+    }
+}
+
+/// A matrix in the file: `rows` rows of `cols` elements in type `ty`.
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    start: usize,
+    len: usize,
+}
+
+/// The weights of one decoder block.
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Matrix,
+    pub w_up: Matrix,
+    pub w_down: Matrix,
+}
+
+/// The tensors of one shard of a model.
+#[derive(Debug)]
+pub struct Weights {
+    pub config: Config,
+    pub spec: ShardSpec,
+    file: Arc<GgufFile>,
+    pub embed: Option<Matrix>,
+    pub output_norm: Option<Vec<f32>>,
+    pub output: Option<Matrix>,
+    /// `layers[i]` is layer `spec.layers.start + i`.
+    pub layers: Vec<LayerWeights>,
+}
+
+impl Weights {
+    /// Looks up and checks every tensor of `spec` in `file`.
+    pub fn load(file: Arc<GgufFile>, spec: ShardSpec) -> Result<Weights> {
+        let config = Config::from_gguf(&file)?;
+        if spec.layers.start > spec.layers.end || spec.layers.end > config.n_layer {
+            return Err(Error::InvalidRequest(format!(
+                "layer range {:?} is outside the model's {} layers",
+                spec.layers, config.n_layer
+            )));
+        }
+        let c = &config;
+        let (e, q, kv, ff, v) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.n_vocab);
+        let mut w = Weights {
+            config: config.clone(),
+            spec: spec.clone(),
+            file: Arc::clone(&file),
+            embed: None,
+            output_norm: None,
+            output: None,
+            layers: Vec::new(),
+        };
+        if spec.embed {
+            w.embed = Some(w.matrix("token_embd.weight", e, v)?);
+        }
+        if spec.head {
+            w.output_norm = Some(w.vector("output_norm.weight", e)?);
+            w.output = Some(match file.tensor_info("output.weight") {
+                Some(_) => w.matrix("output.weight", e, v)?,
+                None => w.matrix("token_embd.weight", e, v)?,
+            });
+        }
+        for il in spec.layers.clone() {
+            let n = |s: &str| format!("blk.{il}.{s}");
+            let bias = |w: &Weights, s: &str, len| -> Result<Option<Vec<f32>>> {
+                if config.traits.qkv_bias { w.vector(&n(s), len).map(Some) } else { Ok(None) }
+            };
+            let layer = LayerWeights {
+                attn_norm: w.vector(&n("attn_norm.weight"), e)?,
+                wq: w.matrix(&n("attn_q.weight"), e, q)?,
+                wk: w.matrix(&n("attn_k.weight"), e, kv)?,
+                wv: w.matrix(&n("attn_v.weight"), e, kv)?,
+                wo: w.matrix(&n("attn_output.weight"), q, e)?,
+                bq: bias(&w, "attn_q.bias", q)?,
+                bk: bias(&w, "attn_k.bias", kv)?,
+                bv: bias(&w, "attn_v.bias", kv)?,
+                ffn_norm: w.vector(&n("ffn_norm.weight"), e)?,
+                w_gate: w.matrix(&n("ffn_gate.weight"), e, ff)?,
+                w_up: w.matrix(&n("ffn_up.weight"), e, ff)?,
+                w_down: w.matrix(&n("ffn_down.weight"), ff, e)?,
+            };
+            w.layers.push(layer);
+        }
+        Ok(w)
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.file.tensor_info(name).ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+
+    /// A 2-D tensor of GGUF shape `[cols, rows]`, in a type the kernels support.
+    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix> {
+        let t = self.info(name)?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                got: t.dims.clone(),
+                want: vec![cols as u64, rows as u64],
+            });
+        }
+        if !t.ty.is_supported() {
+            return Err(Error::UnsupportedTensorType { name: name.to_string(), ty: t.ty });
+        }
+        let start = (self.file.header().data_offset + t.offset) as usize;
+        Ok(Matrix { ty: t.ty, rows, cols, start, len: t.size as usize })
+    }
+
+    /// A 1-D tensor of `len` elements, dequantized to f32.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.info(name)?;
+        if t.dims != [len as u64] {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                got: t.dims.clone(),
+                want: vec![len as u64],
+            });
+        }
+        if !t.ty.is_supported() {
+            return Err(Error::UnsupportedTensorType { name: name.to_string(), ty: t.ty });
+        }
+        let mut out = vec![0f32; len];
+        dequantize_row(t.ty, self.file.tensor_data(t), &mut out)?;
+        Ok(out)
+    }
+
+    /// The kernel view of a matrix. Extents were checked when the file was opened.
+    pub fn qmatrix(&self, m: &Matrix) -> QMatrix<'_> {
+        let data = &self.file.bytes()[m.start..m.start + m.len];
+        QMatrix { ty: m.ty, rows: m.rows, cols: m.cols, data }
+    }
+
+    /// The file the shard maps.
+    pub fn file(&self) -> &Arc<GgufFile> {
+        &self.file
+    }
+
+    /// Bytes of weights this shard reads per forward step (the decode roofline numerator).
+    pub fn bytes_per_step(&self) -> u64 {
+        let m = |m: &Matrix| m.len as u64;
+        let mut b: u64 = self
+            .layers
+            .iter()
+            .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.w_gate) + m(&l.w_up) + m(&l.w_down))
+            .sum();
+        if let Some(o) = &self.output {
+            b += m(o);
+        }
+        b
+    }
+}
