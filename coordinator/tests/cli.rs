@@ -79,7 +79,7 @@ fn truncated_model_header_and_data_are_named() {
     run_fails(&p, "file is truncated");
     let p = tmp("truncated-data.gguf");
     std::fs::write(&p, &full[..full.len() / 2]).unwrap();
-    run_fails(&p, "lies outside the file");
+    run_fails(&p, "file is truncated or corrupt: tensor");
 }
 
 #[test]

@@ -207,6 +207,7 @@ pub fn matmul_with(
         let r = (PREFILL_W_BYTES / w_row.max(1)).clamp(2, 64) & !1;
         (t, r)
     };
+    let tile_fn = k.tile_for(n);
     let w_ptr = Shared(w.data.as_ptr());
     let a_ptr = Shared(acts.as_ptr());
     let o_ptr = Shared(out.as_mut_ptr());
@@ -232,7 +233,7 @@ pub fn matmul_with(
                         out_stride: rows,
                         nb,
                     };
-                    (k.tile)(&tile);
+                    tile_fn(&tile);
                 }
                 r0 += nr;
             }

@@ -6,10 +6,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{}: {source}", path.display())]
-    Gguf { path: PathBuf, source: crate::gguf::GgufError },
+    // The inner errors are named `error`, not `source`: the message already includes them,
+    // and a `source` would print twice in an error chain.
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{}: {error}", path.display())]
+    Gguf { path: PathBuf, error: crate::gguf::GgufError },
     #[error("missing metadata key {0:?}")]
     MissingMetadata(String),
     #[error("metadata key {key:?}: {msg}")]

@@ -32,7 +32,10 @@ pub enum GgufError {
     UnsupportedVersion(u32),
     #[error("file is truncated: {what} needs {need} bytes at offset {offset}, file has {len}")]
     Truncated { what: String, offset: u64, need: u64, len: u64 },
-    #[error("{what}: count {count} cannot fit in the {remaining} bytes left in the file")]
+    #[error(
+        "file is truncated or corrupt: {what} claims {count} items, which cannot fit in the \
+         {remaining} bytes left"
+    )]
     ImplausibleCount { what: String, count: u64, remaining: u64 },
     #[error("{what}: invalid UTF-8 in string")]
     BadUtf8 { what: String },
@@ -54,7 +57,10 @@ pub enum GgufError {
     BadShape { name: String, dims: Vec<u64>, ty: GgmlType, why: &'static str },
     #[error("tensor {name:?}: offset {offset} is not aligned to {alignment}")]
     MisalignedTensor { name: String, offset: u64, alignment: u64 },
-    #[error("tensor {name:?}: data [{start}, {end}) lies outside the file's {len} bytes")]
+    #[error(
+        "file is truncated or corrupt: tensor {name:?} data [{start}, {end}) lies outside the \
+         file's {len} bytes"
+    )]
     TensorOutOfBounds { name: String, start: u64, end: u64, len: u64 },
 }
 
@@ -526,20 +532,20 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> crate::Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path)
-            .map_err(|source| crate::Error::Io { path: path.clone(), source })?;
-        let meta = file.metadata().map_err(|source| crate::Error::Io { path: path.clone(), source })?;
+            .map_err(|error| crate::Error::Io { path: path.clone(), error })?;
+        let meta = file.metadata().map_err(|error| crate::Error::Io { path: path.clone(), error })?;
         if meta.is_dir() {
             return Err(crate::Error::Io {
                 path,
-                source: std::io::Error::other("is a directory, not a model file"),
+                error: std::io::Error::other("is a directory, not a model file"),
             });
         }
         // SAFETY: the map is read-only; a file truncated underneath us by another process
         // would fault, as with every mmap-based loader. We never write through it.
         let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|source| crate::Error::Io { path: path.clone(), source })?;
+            .map_err(|error| crate::Error::Io { path: path.clone(), error })?;
         let header = Header::parse(&map, true)
-            .map_err(|source| crate::Error::Gguf { path: path.clone(), source })?;
+            .map_err(|error| crate::Error::Gguf { path: path.clone(), error })?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile { path, map, header, by_name })
     }

@@ -92,6 +92,19 @@ fn fnv(b: &[u8]) -> u64 {
     })
 }
 
+/// The types whose SIMD kernels round exactly like ggml's `vec_dot` on x86.
+fn exact_like_ggml(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q6_K
+    )
+}
+
 #[test]
 fn matches_ggml_cpu_kernels() {
     assert_eq!(FIXTURES.len(), 11);
@@ -145,6 +158,13 @@ fn matches_ggml_cpu_kernels() {
                     let (_, mag) = dot_f64(&dequant_f64(ty, &rows[r], COLS), &ad);
                     let got = vec_dot(ty, level, COLS, &rows[r], &acts[t]).unwrap();
                     let want = f.dots[t * ROWS + r];
+                    if level != SimdLevel::Portable && exact_like_ggml(ty) {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{ty} {level} row {r} token {t}: {got} vs ggml {want} (bit-exact)"
+                        );
+                    }
                     assert!(
                         ((got - want) as f64).abs() <= 1e-5 * mag + 1e-6,
                         "{ty} {level} row {r} token {t}: {got} vs ggml {want}"

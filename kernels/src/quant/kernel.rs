@@ -215,10 +215,18 @@ pub enum ActLayout {
     Pairs { min: bool, off: i32 },
 }
 
+/// Products of this many tokens or more take [`Kernel::large`]: llama.cpp switches K-quant
+/// matmuls to its tiled kernels from 8 tokens (`ggml_tiled_min_batch`), which round
+/// differently from `vec_dot`.
+pub const LARGE_BATCH: usize = 8;
+
 /// A tile kernel and the activation layout it reads.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel {
     pub tile: TileFn,
+    /// The kernel for products of [`LARGE_BATCH`] tokens or more (same layout), where it
+    /// differs from `tile`.
+    pub large: Option<TileFn>,
     pub layout: ActLayout,
 }
 
@@ -226,7 +234,16 @@ impl Kernel {
     fn blocks(tile: TileFn) -> Self {
         Kernel {
             tile,
+            large: None,
             layout: ActLayout::Blocks,
+        }
+    }
+
+    /// The tile kernel for a product of `n` tokens.
+    pub fn tile_for(&self, n: usize) -> TileFn {
+        match self.large {
+            Some(f) if n >= LARGE_BATCH => f,
+            _ => self.tile,
         }
     }
 

@@ -22,6 +22,8 @@ mod scalar;
 mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_k;
+#[cfg(target_arch = "x86_64")]
+mod x86_q0;
 
 #[cfg(test)]
 mod ggml_ref;

@@ -24,6 +24,7 @@ use std::ptr::read_unaligned;
 use super::blocks::*;
 use super::kernel::{ActLayout, Kernel, RowDot, Tile, TileFn, drive};
 use super::x86_k;
+use super::x86_q0::*;
 use crate::GgmlType;
 use crate::cpu::SimdLevel;
 
@@ -554,6 +555,11 @@ macro_rules! entries {
 }
 
 entries! { "avx2,fma,f16c":
+    exact_avx2_q8_0 => ExactQ0<E8_0, Avx2>,
+    exact_avx2_q4_0 => ExactQ0<E4_0, Avx2>,
+    exact_avx2_q5_0 => ExactQ0<E5_0, Avx2>,
+    exact_avx2_q4_1 => ExactQ0<E4_1, Avx2>,
+    exact_avx2_q5_1 => ExactQ0<E5_1, Avx2>,
     avx2_q8_0 => PairQ8<BQ8_0Signed, Avx2>,
     avx2_q4_0 => PairQ8<BQ4_0, Avx2>,
     avx2_q5_0 => PairQ8<BQ5_0, Avx2>,
@@ -565,6 +571,11 @@ entries! { "avx2,fma,f16c":
 }
 
 entries! { "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni":
+    exact_avx512_q8_0 => ExactQ0<E8_0, Vnni>,
+    exact_avx512_q4_0 => ExactQ0<E4_0, Vnni>,
+    exact_avx512_q5_0 => ExactQ0<E5_0, Vnni>,
+    exact_avx512_q4_1 => ExactQ0<E4_1, Vnni>,
+    exact_avx512_q5_1 => ExactQ0<E5_1, Vnni>,
     avx512_q8_0 => PairQ8<BQ8_0, Vnni>,
     avx512_q4_0 => PairQ8<BQ4_0, Vnni>,
     avx512_q5_0 => PairQ8<BQ5_0, Vnni>,
@@ -575,6 +586,7 @@ entries! { "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni":
 fn pairs<B: PairBlock>(tile: TileFn) -> Kernel {
     Kernel {
         tile,
+        large: None,
         layout: ActLayout::Pairs {
             min: B::MIN,
             off: B::OFF,
@@ -586,14 +598,26 @@ fn pairs<B: PairBlock>(tile: TileFn) -> Kernel {
 pub(crate) fn kernel(ty: GgmlType, level: SimdLevel) -> Option<Kernel> {
     let blocks = |tile: TileFn| Kernel {
         tile,
+        large: None,
         layout: ActLayout::Blocks,
     };
     let avx512 = level == SimdLevel::Avx512;
+    let exact = true;
     Some(match ty {
         _ if level == SimdLevel::Portable => return None,
         GgmlType::F32 => blocks(avx2_f32),
         GgmlType::F16 => blocks(avx2_f16),
         GgmlType::BF16 => blocks(avx2_bf16),
+        GgmlType::Q8_0 if exact && avx512 => blocks(exact_avx512_q8_0),
+        GgmlType::Q4_0 if exact && avx512 => blocks(exact_avx512_q4_0),
+        GgmlType::Q5_0 if exact && avx512 => blocks(exact_avx512_q5_0),
+        GgmlType::Q4_1 if exact && avx512 => blocks(exact_avx512_q4_1),
+        GgmlType::Q5_1 if exact && avx512 => blocks(exact_avx512_q5_1),
+        GgmlType::Q8_0 if exact => blocks(exact_avx2_q8_0),
+        GgmlType::Q4_0 if exact => blocks(exact_avx2_q4_0),
+        GgmlType::Q5_0 if exact => blocks(exact_avx2_q5_0),
+        GgmlType::Q4_1 if exact => blocks(exact_avx2_q4_1),
+        GgmlType::Q5_1 if exact => blocks(exact_avx2_q5_1),
         GgmlType::Q8_0 if avx512 => pairs::<BQ8_0>(avx512_q8_0),
         GgmlType::Q4_0 if avx512 => pairs::<BQ4_0>(avx512_q4_0),
         GgmlType::Q5_0 if avx512 => pairs::<BQ5_0>(avx512_q5_0),
@@ -604,7 +628,10 @@ pub(crate) fn kernel(ty: GgmlType, level: SimdLevel) -> Option<Kernel> {
         GgmlType::Q5_0 => pairs::<BQ5_0>(avx2_q5_0),
         GgmlType::Q4_1 => pairs::<BQ4_1>(avx2_q4_1),
         GgmlType::Q5_1 => pairs::<BQ5_1>(avx2_q5_1),
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => blocks(x86_k::tile_fn(ty, level)?),
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => Kernel {
+            large: x86_k::large_tile_fn(ty, level),
+            ..blocks(x86_k::tile_fn(ty, level)?)
+        },
         _ => return None,
     })
 }

@@ -11,6 +11,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use std::arch::x86_64::*;
+use std::ptr::read_unaligned;
 
 use super::blocks::*;
 use super::kernel::{RowDot, Tile, TileFn, drive};
@@ -82,6 +83,15 @@ unsafe fn q5_hbit(qh: __m256i, bit: i32) -> __m256i {
     _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
 }
 
+/// The sum of the 8 i32 lanes of `v` (exact, in any order).
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
 /// Q4_K (`Q5 == false`) or Q5_K (`Q5 == true`), 32 quants per register.
 pub(crate) struct Q45k<I, const Q5: bool>(PhantomData<I>);
 
@@ -94,7 +104,13 @@ impl<I: Isa, const Q5: bool> RowDot for Q45k<I, Q5> {
         let qs_off = if Q5 { 48 } else { 16 };
         let m4 = _mm256_set1_epi8(0x0f);
         let pick = opaque(K4_PICK.as_ptr());
+        // Q4_K rounds like ggml's repacked Q4_K 8x8 kernels (see the module header): GEMM for
+        // groups of four or more tokens, GEMV for the rest.
+        const { assert!(N <= 8) };
+        let (gemm, gemv) = (!Q5 && N >= 4, !Q5 && N < 4);
         let mut acc = [_mm256_setzero_ps(); N];
+        let mut accs = [0.0f32; N];
+        let mut accm = [0.0f32; N];
         for b in 0..nb {
             let x = w.add(b * bytes);
             let sm = _mm256_broadcastsi128_si256(k4_scales(x));
@@ -105,6 +121,13 @@ impl<I: Isa, const Q5: bool> RowDot for Q45k<I, Q5> {
                 _mm256_setzero_si256()
             };
             let mut sumi = [_mm256_setzero_si256(); N];
+            let mins = if gemm {
+                k4_scales_mins(std::slice::from_raw_parts(x.add(4), 12)).1
+            } else {
+                [0; 8]
+            };
+            let dd = f16x2_ptr(x);
+            let (dx, dmx) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
             for j in 0..4 {
                 let q = ld256(x.add(qs_off + 32 * j));
                 let mut lo = _mm256_and_si256(q, m4);
@@ -119,22 +142,55 @@ impl<I: Isa, const Q5: bool> RowDot for Q45k<I, Q5> {
                     let y = a.add(c * st + b * Q8_K_BYTES + Q8_K_QS + 64 * j);
                     let pl = _mm256_maddubs_epi16(lo, ld256(y));
                     let ph = _mm256_maddubs_epi16(hi, ld256(y.add(32)));
-                    sumi[c] = I::wdot(I::wdot(sumi[c], pl, sl), ph, sh);
+                    if gemm {
+                        // ggml's Q4_K 8x8 GEMM: one fma per pair of sub-blocks.
+                        let s = hsum_i32(I::wdot(I::wdot(_mm256_setzero_si256(), pl, sl), ph, sh));
+                        let y0 = a.add(c * st + b * Q8_K_BYTES);
+                        let yd = f32_ptr(y0);
+                        let bs = y0.add(Q8_K_BSUMS + 8 * j) as *const i16;
+                        let bs = |k: usize| read_unaligned(bs.add(k)) as i32;
+                        let mn = mins[2 * j] as i32 * (bs(0) + bs(1))
+                            + mins[2 * j + 1] as i32 * (bs(2) + bs(3));
+                        accs[c] = (s as f32).mul_add(dx * yd, accs[c]);
+                        accm[c] = (mn as f32).mul_add(dmx * yd, accm[c]);
+                    } else {
+                        sumi[c] = I::wdot(I::wdot(sumi[c], pl, sl), ph, sh);
+                    }
                 }
             }
-            let dd = f16x2_ptr(x);
-            let (dx, dmx) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            if gemm {
+                continue;
+            }
             for c in 0..N {
                 let y = a.add(c * st + b * Q8_K_BYTES);
                 let yd = f32_ptr(y);
                 // Σ_j min_j · (bsum_2j + bsum_2j+1), spread over 8 lanes.
                 let m = _mm256_madd_epi16(ld256(y.add(Q8_K_BSUMS)), mins2);
-                let acc1 =
-                    _mm256_fmadd_ps(_mm256_set1_ps(dx * yd), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
-                acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmx * yd), _mm256_cvtepi32_ps(m), acc1);
+                if gemv {
+                    // ggml's Q4_K 8x8 GEMV: the super-block's integer sums, one fma each.
+                    let (s, mn) = (hsum_i32(sumi[c]), hsum_i32(m));
+                    accs[c] = (s as f32).mul_add(dx * yd, accs[c]);
+                    accm[c] = (mn as f32).mul_add(dmx * yd, accm[c]);
+                } else {
+                    let acc1 = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dx * yd),
+                        _mm256_cvtepi32_ps(sumi[c]),
+                        acc[c],
+                    );
+                    acc[c] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(-dmx * yd), _mm256_cvtepi32_ps(m), acc1);
+                }
             }
         }
-        finish(&acc)
+        if Q5 {
+            finish(&acc)
+        } else {
+            let mut out = [0.0f32; N];
+            for c in 0..N {
+                out[c] = accs[c] - accm[c];
+            }
+            out
+        }
     }
 }
 
@@ -157,9 +213,14 @@ static Q6_PICK: [[u8; 32]; 4] = {
 
 /// Q6_K, 32 quants per register. The quants are used unsigned (0..64); their offset of 32 is
 /// taken off once per block as `32 · Σ_g scale_g · bsum_g`.
-pub(crate) struct Q6k<I>(PhantomData<I>);
+///
+/// With `TILED`, rounds like ggml's tiled K-quant matmul (`tiled/tiled-kernel.cpp`, which
+/// llama.cpp takes for products of 8 tokens or more): the super-block's exact integer total,
+/// `acc = fma(float(total) · dx, dy, acc)` per super-block. Otherwise like ggml's
+/// `vec_dot_q6_K_q8_K`: 8 integer lanes, `acc = fma(dx·dy, lanes, acc)`, `hsum_float_8`.
+pub(crate) struct Q6k<I, const TILED: bool>(PhantomData<I>);
 
-impl<I: Isa> RowDot for Q6k<I> {
+impl<I: Isa, const TILED: bool> RowDot for Q6k<I, TILED> {
     const GROUP: usize = if I::MANY_REGS { 8 } else { 4 };
 
     #[inline(always)]
@@ -167,6 +228,7 @@ impl<I: Isa> RowDot for Q6k<I> {
         let m15 = _mm256_set1_epi8(0x0f);
         let pick = opaque(Q6_PICK.as_ptr());
         let mut acc = [_mm256_setzero_ps(); N];
+        let mut accs = [0.0f32; N];
         for b in 0..nb {
             let x = w.add(b * Q6_K_BYTES);
             let sc16 = _mm256_cvtepi8_epi16(ld128(x.add(192)));
@@ -210,11 +272,16 @@ impl<I: Isa> RowDot for Q6k<I> {
             }
             let dx = f16_ptr(x.add(208));
             for c in 0..N {
-                let d = _mm256_set1_ps(dx * f32_ptr(a.add(c * st + b * Q8_K_BYTES)));
-                acc[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+                let dy = f32_ptr(a.add(c * st + b * Q8_K_BYTES));
+                if TILED {
+                    accs[c] = (hsum_i32(sumi[c]) as f32 * dx).mul_add(dy, accs[c]);
+                } else {
+                    let d = _mm256_set1_ps(dx * dy);
+                    acc[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+                }
             }
         }
-        finish(&acc)
+        if TILED { accs } else { finish(&acc) }
     }
 }
 
@@ -230,13 +297,25 @@ macro_rules! entries {
 entries! { "avx2,fma,f16c":
     avx2_q4_k => Q45k<Avx2, false>,
     avx2_q5_k => Q45k<Avx2, true>,
-    avx2_q6_k => Q6k<Avx2>,
+    avx2_q6_k => Q6k<Avx2, false>,
+    avx2_q6_k_tiled => Q6k<Avx2, true>,
 }
 
 entries! { "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni":
     avx512_q4_k => Q45k<Vnni, false>,
     avx512_q5_k => Q45k<Vnni, true>,
-    avx512_q6_k => Q6k<Vnni>,
+    avx512_q6_k => Q6k<Vnni, false>,
+    avx512_q6_k_tiled => Q6k<Vnni, true>,
+}
+
+/// The K-format kernel for `ty` at `level` for products of [`super::kernel::LARGE_BATCH`] tokens
+/// or more, where it rounds differently from [`tile_fn`]'s.
+pub(crate) fn large_tile_fn(ty: GgmlType, level: SimdLevel) -> Option<TileFn> {
+    Some(match (level, ty) {
+        (SimdLevel::Avx2, GgmlType::Q6_K) => avx2_q6_k_tiled,
+        (SimdLevel::Avx512, GgmlType::Q6_K) => avx512_q6_k_tiled,
+        _ => return None,
+    })
 }
 
 /// The K-format kernel for `ty` at `level` (already clamped to the CPU).
