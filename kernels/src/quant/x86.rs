@@ -137,6 +137,12 @@ unsafe fn f16_ptr_exact(p: *const u8) -> f32 {
     f16_to_f32(read_unaligned(p as *const u16))
 }
 
+/// The f16 at `p` as f32 lane 0 (other lanes zero).
+#[inline(always)]
+pub(crate) unsafe fn f16x1(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(movd(read_unaligned(p as *const u16) as u32))
+}
+
 /// The two consecutive f16 at `p` as f32 lanes 0 and 1.
 #[inline(always)]
 pub(crate) unsafe fn f16x2_ptr(p: *const u8) -> __m128 {

@@ -23,7 +23,7 @@ use std::ptr::read_unaligned;
 
 use super::blocks::*;
 use super::kernel::RowDot;
-use super::x86::{Isa, f16_ptr, hsum_ps, ld128, ld256};
+use super::x86::{Isa, f16x1, f16x2_ptr, hsum_ps, ld128, ld256};
 
 /// A 32-element weight format: its quants in element order, one byte each.
 pub(crate) trait Q0Block {
@@ -115,12 +115,13 @@ impl<B: Q0Block, I: Isa> ExactQ0<B, I> {
             (Q8_0_BYTES, 2)
         };
         let mut acc = [[_mm256_setzero_ps(); N]; R];
-        let mut summs = [[0.0f32; N]; R];
+        // Lane 1 holds ggml's `summs = fma(m, s, summs)`; lane 0 is scratch.
+        let mut summs = [[_mm_setzero_ps(); N]; R];
         for b in 0..nb {
             let mut u = [_mm256_setzero_si256(); R];
             let mut q = u;
-            let mut dx = [0.0f32; R];
-            let mut mx = [0.0f32; R];
+            // [d, m] of each weight block (lane 0 only without a min).
+            let mut dm = [_mm_setzero_ps(); R];
             for r in 0..R {
                 let x = w.add(r * w_stride + b * B::BYTES);
                 q[r] = B::quants::<I>(x);
@@ -129,16 +130,13 @@ impl<B: Q0Block, I: Isa> ExactQ0<B, I> {
                 } else {
                     _mm256_sign_epi8(q[r], q[r])
                 };
-                dx[r] = f16_ptr(x);
-                if B::MIN {
-                    mx[r] = f16_ptr(x.add(2));
-                }
+                dm[r] = if B::MIN { f16x2_ptr(x) } else { f16x1(x) };
             }
             for c in 0..N {
                 let y = a.add(c * st + b * ab);
                 let qy = ld256(y.add(qoff));
-                let dy = f16_ptr(y);
-                let sy = if B::MIN { f16_ptr(y.add(2)) } else { 0.0 };
+                // [d, s] of the activation block (lane 0 only without a min).
+                let ds = if B::MIN { f16x2_ptr(y) } else { f16x1(y) };
                 for r in 0..R {
                     let v = if B::MIN {
                         qy
@@ -146,10 +144,10 @@ impl<B: Q0Block, I: Isa> ExactQ0<B, I> {
                         _mm256_sign_epi8(qy, q[r])
                     };
                     let s = I::udot(_mm256_setzero_si256(), u[r], v);
-                    let d = _mm256_set1_ps(dx[r] * dy);
+                    let d = _mm256_broadcastss_ps(_mm_mul_ss(dm[r], ds));
                     acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][c]);
                     if B::MIN {
-                        summs[r][c] = mx[r].mul_add(sy, summs[r][c]);
+                        summs[r][c] = _mm_fmadd_ps(dm[r], ds, summs[r][c]);
                     }
                 }
             }
@@ -159,7 +157,7 @@ impl<B: Q0Block, I: Isa> ExactQ0<B, I> {
             for c in 0..N {
                 out[r][c] = hsum_ps(acc[r][c]);
                 if B::MIN {
-                    out[r][c] += summs[r][c];
+                    out[r][c] += _mm_cvtss_f32(_mm_movehdup_ps(summs[r][c]));
                 }
             }
         }
