@@ -23,6 +23,8 @@ enum Command {
     Info(cli::info::InfoArgs),
     /// Measure prefill and decode tokens/s (the llama-bench pp/tg tests).
     Bench(cli::bench::BenchArgs),
+    /// Serve one shard of a model to a coordinator over gRPC.
+    Worker(cli::worker::WorkerArgs),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
         Command::Run(a) => cli::run::run(a),
         Command::Info(a) => cli::info::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Worker(a) => cli::worker::run(a),
     };
     if let Err(e) = r {
         let msg = format!("{e:#}").replace('\n', " ");

@@ -12,6 +12,7 @@ pub mod error;
 pub mod matmul;
 pub mod ops;
 pub mod attention;
+pub mod codec;
 pub mod pool;
 pub mod quant;
 

@@ -7,29 +7,26 @@
 //! - `dequantize_row(ty, src, dst)`: one row (or any whole number of blocks) to f32.
 //!
 //! Design:
-//! - **vec_dot_type.** Activations are first converted, once per call, into the format ggml's
-//!   CPU backend pairs with the weight type ([`vec_dot_type`]): Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1
-//!   for Q4_1/Q5_1, Q8_K for the K formats, F16/BF16 for F16/BF16 weights, and F32 (used in
-//!   place, no copy) for F32. The dot products are then integer sums per block scaled in f32,
-//!   bit-compatible in their integers with llama.cpp, which is what lets greedy decoding agree
-//!   with it. The converted rows live in the caller's `scratch`, which only ever grows, so a
-//!   warm hot path does not allocate.
-//! - **Kernels.** Each (type, SIMD level) has one tile kernel (`quant::kernel`): for a block
-//!   of weight rows and a block of tokens it takes tokens four at a time (eight for the K
-//!   formats with AVX-512) and computes each row's dot with all of them, so a weight block is
-//!   loaded and unpacked once per group of tokens; with AVX-512 the 32-element formats also
-//!   take two rows at a time so that each activation load serves both. For the 32-element
-//!   formats the x86 kernels read activations in a pair layout of the same Q8_0/Q8_1 values
-//!   (`quant::act::pack_q8_pairs`) that halves their float work. The level is chosen at run
-//!   time (`crate::cpu`); the portable kernels, on ggml's block layout, are the reference.
+//! - **Activations.** Each call quantizes `x` once into the format ggml's CPU backend pairs
+//!   with the weight type ([`vec_dot_type`]): q8_0 for Q4_0/Q5_0/Q8_0, q8_1 for Q4_1/Q5_1,
+//!   q8_K for the K formats, f16/bf16 for F16/BF16, and f32 (used in place, no copy) for F32,
+//!   with the rounding of ggml's x86 quantizers (`quant::act`), so shoal and llama.cpp feed
+//!   the same bytes to their kernels. The quantized rows live in the caller's `scratch`,
+//!   which only grows, so a warm hot path does not allocate.
+//! - **Kernels.** `quant::kernel` picks one tile kernel per (type, SIMD level), and for Q6_K a
+//!   second one for products of 8 tokens or more. On x86 those of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0,
+//!   Q4_K and Q6_K sum in llama.cpp's order and give its outputs bit for bit; the
+//!   [`crate::quant`] header lists where that is not claimed. A kernel takes tokens in groups
+//!   (4, or 8 for the K formats with AVX-512) so that a weight block is decoded once per group.
 //! - **Tiling.** Decode (`n == 1`) streams each thread's rows once. Prefill walks chunks of
-//!   tokens whose activations fit in L2 and, inside a chunk, blocks of rows whose weights fit
-//!   in L1, so weights are re-read from cache instead of memory and each activation row is
-//!   reused across a row block.
+//!   tokens (multiples of 4, so token groups fall where llama.cpp's do) whose activations
+//!   fit in L2 and, inside a chunk, blocks of rows whose weights fit in L1, so weights are
+//!   re-read from cache instead of memory and each activation row is reused across a row
+//!   block.
 //! - **Threading.** Rows are split into contiguous, nearly equal ranges, one per pool thread
-//!   (`pool::split_range`); each thread writes only `out[t * rows + r]` for its own rows.
-//!   Activation conversion of many tokens is split by tokens the same way, in a first
-//!   `pool.run`.
+//!   (`pool::split_range`); each thread writes only `out[t * rows + r]` for its own rows. One
+//!   thread computes each output whole, so results do not depend on the thread count.
+//!   Quantizing many tokens is split by tokens the same way, in a first `pool.run`.
 
 use crate::cpu::{self, SimdLevel};
 use crate::pool::split_range;
@@ -89,14 +86,13 @@ pub fn vec_dot_type(ty: GgmlType) -> GgmlType {
     ty.vec_dot_type()
 }
 
-/// Bytes of scratch [`matmul`] uses for `n` tokens against `w` at the current SIMD level.
+/// Bytes of scratch [`matmul`] uses for `n` tokens against `w`.
 pub fn scratch_bytes(w: &QMatrix<'_>, n: usize) -> usize {
-    if w.ty.vec_dot_type() == GgmlType::F32 {
+    let vt = w.ty.vec_dot_type();
+    if vt == GgmlType::F32 {
         return 0;
     }
-    kernel::kernel(w.ty, cpu::simd_level())
-        .and_then(|k| k.act_row_bytes(w.ty, w.cols).ok())
-        .map_or(0, |b| n * b)
+    quant::row_bytes(vt, w.cols).map_or(0, |b| n * b)
 }
 
 /// `out (n, rows) = x (n, cols) · wᵀ`. `scratch` holds the quantized activations between
@@ -164,11 +160,10 @@ pub fn matmul_with(
         return;
     }
     let k = kernel::kernel(w.ty, level).expect("QMatrix::new admits only supported types");
-    let a_row = k
-        .act_row_bytes(w.ty, cols)
-        .expect("QMatrix::new checked the row length");
+    let vt = w.ty.vec_dot_type();
+    let a_row = quant::row_bytes(vt, cols).expect("QMatrix::new checked the row length");
 
-    let acts: &[u8] = if w.ty.vec_dot_type() == GgmlType::F32 {
+    let acts: &[u8] = if vt == GgmlType::F32 {
         // SAFETY: any f32 is 4 valid bytes; the kernels read them as little-endian f32.
         unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
     } else {
@@ -177,10 +172,9 @@ pub fn matmul_with(
             scratch.resize(need, 0);
         }
         let buf = &mut scratch[..need];
-        let ty = w.ty;
         if n == 1 || n * cols < PARALLEL_QUANT_ELEMS || pool.n_threads() == 1 {
             for (xr, ar) in x.chunks_exact(cols).zip(buf.chunks_exact_mut(a_row)) {
-                k.quantize_act(ty, xr, ar).expect("sizes checked above");
+                quant::quantize_activations(vt, xr, ar).expect("sizes checked above");
             }
         } else {
             let dst = Shared(buf.as_mut_ptr());
@@ -189,7 +183,7 @@ pub fn matmul_with(
                     // SAFETY: token ranges of different threads are disjoint and in bounds.
                     let ar =
                         unsafe { std::slice::from_raw_parts_mut(dst.get().add(t * a_row), a_row) };
-                    k.quantize_act(ty, &x[t * cols..(t + 1) * cols], ar)
+                    quant::quantize_activations(vt, &x[t * cols..(t + 1) * cols], ar)
                         .expect("sizes checked above");
                 }
             });

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod info;
 pub mod run;
+pub mod worker;
 
 use std::io::IsTerminal;
 

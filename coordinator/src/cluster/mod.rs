@@ -1,0 +1,45 @@
+//! The coordinator's side of the pipeline-parallel cluster.
+//!
+//! [`planner`] assigns contiguous layer ranges to workers, [`pipeline`] talks to them over
+//! `shoal.v1` (Hello, Inventory, LoadShard, one Forward stream per request into the first
+//! stage) and runs the generation loop, [`local`] starts worker processes on loopback for
+//! `shoal run --workers N`. This module talks to workers only through `shoal-proto`; it must
+//! not call `shoal-worker` code.
+
+pub mod local;
+pub mod pipeline;
+pub mod planner;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Errors of the cluster side.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start a worker: {0}")]
+    Spawn(String),
+    #[error("cannot reach worker {addr}: {msg}")]
+    Connect { addr: String, msg: String },
+    #[error("worker {addr} refused the handshake: {msg}")]
+    Refused { addr: String, msg: String },
+    #[error("planning: {0}")]
+    Plan(String),
+    #[error("worker {addr} could not load its shard: {msg}")]
+    Load { addr: String, msg: String },
+    #[error("pipeline failed: {0}")]
+    Stage(String),
+    #[error("no answer from the pipeline within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error(transparent)]
+    Model(#[from] shoal_model::Error),
+}
+
+impl Error {
+    /// Whether the same call could succeed later. Named per variant.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Stage(_) | Error::Timeout(_) => true,
+            Error::Model(e) => e.is_retryable(),
+            Error::Spawn(_) | Error::Refused { .. } | Error::Plan(_) | Error::Load { .. } => false,
+        }
+    }
+}

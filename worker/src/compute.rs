@@ -1,0 +1,171 @@
+//! The compute thread: owns the shard's executor, its KV cache and the samplers.
+//!
+//! The executor holds a spinning thread pool and per-sequence caches, so it lives on one OS
+//! thread and the async side talks to it with typed messages ([`Job`]) over a channel; a
+//! step's reply comes back on a oneshot. Steps run in arrival order. This module must not
+//! know about gRPC.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use shoal_kernels::attention::AttnNumerics;
+use shoal_model::executor::{SeqChunk, ShardExecutor, StageInput, StageOutput};
+use shoal_model::sampling::{Sampler, SamplingParams, logprobs};
+use shoal_model::weights::Weights;
+use tokio::sync::oneshot;
+
+use crate::{Error, Result};
+
+/// What a step feeds the shard.
+#[derive(Debug)]
+pub enum Input {
+    Tokens(Vec<u32>),
+    Hidden(Vec<f32>),
+}
+
+/// A sequence that starts (or restarts) with this step.
+#[derive(Debug)]
+pub struct Start {
+    pub seq: u64,
+    pub params: SamplingParams,
+    pub want_logprobs: bool,
+    pub history: Vec<u32>,
+}
+
+/// One step: chunks with their sample flags, new sequences, input.
+#[derive(Debug)]
+pub struct Step {
+    pub chunks: Vec<SeqChunk>,
+    pub sample: Vec<bool>,
+    pub starts: Vec<Start>,
+    pub input: Input,
+}
+
+/// What a step produced.
+#[derive(Debug)]
+pub enum Output {
+    /// Hidden states `(n_tokens, n_embd)` for the next stage.
+    Hidden(Vec<f32>),
+    /// (seq, token, logprob) for each chunk that asked to sample.
+    Tokens(Vec<(u64, u32, Option<f32>)>),
+}
+
+/// Counters for `Stats`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub steps: u64,
+    pub tokens: u64,
+    pub compute_ns: u64,
+    pub sequences: u32,
+    pub kv_bytes: u64,
+}
+
+/// A message to the compute thread.
+#[derive(Debug)]
+pub enum Job {
+    Step(Step, oneshot::Sender<Result<Output>>),
+    Release(Vec<u64>, oneshot::Sender<u32>),
+    Stats(oneshot::Sender<Counters>),
+}
+
+/// Starts the compute thread for `weights`; it ends when every sender is dropped.
+pub fn spawn(
+    weights: Arc<Weights>,
+    n_threads: usize,
+    n_ctx: usize,
+    attn_threads: usize,
+    kv_budget: u64,
+) -> Result<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new().name("shoal-compute".into()).spawn(move || {
+        let mut exec = ShardExecutor::new(weights, n_threads, n_ctx);
+        exec.set_attention_numerics(AttnNumerics::GgmlFlash { n_ctx, n_threads: attn_threads });
+        let mut st = State { exec, samplers: HashMap::new(), kv_budget, counters: Counters::default() };
+        while let Ok(job) = rx.recv() {
+            match job {
+                Job::Step(step, reply) => {
+                    let r = st.step(step);
+                    let _ = reply.send(r);
+                }
+                Job::Release(seqs, reply) => {
+                    let n = seqs.iter().filter(|&&s| {
+                        st.samplers.remove(&s);
+                        st.exec.release(s)
+                    });
+                    let _ = reply.send(n.count() as u32);
+                }
+                Job::Stats(reply) => {
+                    let mut c = st.counters;
+                    c.kv_bytes = st.exec.kv_bytes() as u64;
+                    c.sequences = st.samplers.len() as u32;
+                    let _ = reply.send(c);
+                }
+            }
+        }
+    })?;
+    Ok(tx)
+}
+
+struct State {
+    exec: ShardExecutor,
+    samplers: HashMap<u64, (Sampler, bool)>,
+    kv_budget: u64,
+    counters: Counters,
+}
+
+impl State {
+    fn step(&mut self, step: Step) -> Result<Output> {
+        let t0 = Instant::now();
+        // Sequences are checked before anything changes, so a bad frame leaves no trace.
+        for ch in &step.chunks {
+            if self.exec.seq_len(ch.seq).is_none() && !step.starts.iter().any(|s| s.seq == ch.seq) {
+                return Err(shoal_model::Error::UnknownSequence(ch.seq).into());
+            }
+        }
+        let n: usize = step.chunks.iter().map(|c| c.n_tokens).sum();
+        if self.kv_budget > 0 {
+            let c = &self.exec.weights().config;
+            let per_token = (self.exec.weights().layers.len() * c.kv_dim() * 2 * 2) as u64;
+            let want = self.exec.kv_bytes() as u64 + per_token * n as u64;
+            if want > self.kv_budget {
+                return Err(Error::KvBudget { budget: self.kv_budget, want });
+            }
+        }
+        for s in step.starts {
+            self.exec.add_sequence(s.seq);
+            let mut sampler = Sampler::new(s.params);
+            sampler.accept(&s.history);
+            self.samplers.insert(s.seq, (sampler, s.want_logprobs));
+        }
+        let input = match &step.input {
+            Input::Tokens(t) => StageInput::Tokens(t),
+            Input::Hidden(h) => StageInput::Hidden(h),
+        };
+        let out = self.exec.forward(&step.chunks, input)?;
+        self.counters.steps += 1;
+        self.counters.tokens += n as u64;
+        let out = match out {
+            StageOutput::Hidden(h) => Output::Hidden(h),
+            StageOutput::Logits(l) => {
+                let n_vocab = l.len() / step.chunks.len();
+                let mut toks = Vec::new();
+                for (i, ch) in step.chunks.iter().enumerate() {
+                    if !step.sample[i] {
+                        continue;
+                    }
+                    let row = &l[i * n_vocab..(i + 1) * n_vocab];
+                    let (sampler, want_lp) =
+                        self.samplers.get_mut(&ch.seq).ok_or(shoal_model::Error::UnknownSequence(ch.seq))?;
+                    let id = sampler.sample(row);
+                    let lp = want_lp.then(|| logprobs(row, id, 0).0);
+                    toks.push((ch.seq, id, lp));
+                }
+                Output::Tokens(toks)
+            }
+        };
+        self.counters.compute_ns += t0.elapsed().as_nanos() as u64;
+        Ok(out)
+    }
+}

@@ -1,0 +1,469 @@
+//! The gRPC service of a worker: `shoal.v1.Worker`.
+//!
+//! `Forward` is where the pipeline runs. For each incoming stream the worker opens one
+//! `Forward` stream to the next stage (after a `Hello`), and runs two tasks: one reads a
+//! frame, validates it, runs it on the compute thread and sends the output hidden states
+//! down; the other relays the next stage's results (sampled tokens) back up this stream's
+//! response. The last stage samples and answers itself. So results travel back up the
+//! chain, and the first stage's caller (the coordinator) sees every stage's failure as an
+//! error on its one stream. A bad frame ends its stream with INVALID_ARGUMENT; the worker
+//! keeps serving every other stream.
+
+use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use shoal_kernels::codec::{self, Codec};
+use shoal_model::executor::SeqChunk;
+use shoal_model::gguf::GgufFile;
+use shoal_model::sampling::SamplingParams;
+use shoal_model::weights::{ShardSpec, Weights};
+use shoal_proto::v1::{self, worker_client::WorkerClient, worker_server};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::compute::{self, Input, Job, Output, Start, Step};
+use crate::{Error, Result};
+
+/// Most tokens in one frame (a prefill chunk is 512).
+pub const MAX_FRAME_TOKENS: usize = 8192;
+/// Most chunks (sequences) in one frame.
+pub const MAX_FRAME_CHUNKS: usize = 1024;
+
+/// How a worker was started.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub node_name: String,
+    pub models_dir: PathBuf,
+}
+
+/// A loaded shard and its compute thread.
+#[derive(Debug)]
+struct Loaded {
+    jobs: mpsc::Sender<Job>,
+    n_embd: usize,
+    embed: bool,
+    next: Option<String>,
+    codec: Codec,
+}
+
+/// The service: a handle on the state every RPC shares.
+#[derive(Clone, Debug)]
+pub struct WorkerService(Arc<Inner>);
+
+impl std::ops::Deref for WorkerService {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// The state shared by every RPC.
+#[derive(Debug)]
+pub struct Inner {
+    cfg: WorkerConfig,
+    bandwidth: u64,
+    shard: Mutex<Option<Arc<Loaded>>>,
+    rejected: std::sync::atomic::AtomicU64,
+}
+
+impl WorkerService {
+    /// Measures the memory bandwidth once and returns the service.
+    pub fn new(cfg: WorkerConfig) -> WorkerService {
+        WorkerService(Arc::new(Inner {
+            cfg,
+            bandwidth: crate::inventory::memory_bandwidth(),
+            shard: Mutex::new(None),
+            rejected: Default::default(),
+        }))
+    }
+}
+
+impl Inner {
+    fn loaded(&self) -> Result<Arc<Loaded>> {
+        self.shard.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(Error::NotLoaded)
+    }
+
+    fn resolve(&self, name: &str) -> Result<PathBuf> {
+        let bad = |m: &str| Error::BadModelPath(name.to_string(), m.to_string());
+        let rel = Path::new(name);
+        if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(bad("must be a plain path inside the models dir (no `/`, `..` or `.` at the start)"));
+        }
+        let dir = self.cfg.models_dir.canonicalize()?;
+        let p = dir.join(rel).canonicalize().map_err(|e| bad(&e.to_string()))?;
+        if !p.starts_with(&dir) {
+            return Err(bad("resolves outside the models dir"));
+        }
+        Ok(p)
+    }
+
+    fn load(&self, r: v1::LoadShardRequest) -> Result<v1::LoadShardReply> {
+        let path = self.resolve(&r.model_file)?;
+        let file = Arc::new(GgufFile::open(&path)?);
+        let header = &file.bytes()[..(file.header().data_offset as usize).min(file.bytes().len())];
+        let have = shoal_proto::model_identity(header, file.file_size());
+        if !r.model_hash.is_empty() && r.model_hash != have {
+            return Err(Error::HashMismatch { file: r.model_file, have, want: r.model_hash });
+        }
+        let spec = ShardSpec { layers: r.layer_start as usize..r.layer_end as usize, embed: r.embed, head: r.head };
+        if spec.layers.is_empty() && !r.embed && !r.head {
+            return Err(Error::InvalidFrame("an empty shard".into()));
+        }
+        let weights = Arc::new(Weights::load(file, spec)?);
+        let c = &weights.config;
+        let n_ctx = if r.n_ctx == 0 { c.n_ctx_train.min(4096) } else { r.n_ctx as usize };
+        let n_threads =
+            if r.n_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { r.n_threads as usize };
+        let attn_threads = if r.attn_threads == 0 { n_threads } else { r.attn_threads as usize };
+        let codec = codec_of(r.activation_dtype)?;
+        let reply = v1::LoadShardReply {
+            model_hash: have,
+            n_layer: c.n_layer as u32,
+            n_embd: c.n_embd as u32,
+            n_vocab: c.n_vocab as u32,
+            shard_bytes: weights.bytes_per_step(),
+        };
+        let loaded = Loaded {
+            n_embd: c.n_embd,
+            embed: r.embed,
+            next: (!r.next_stage.is_empty()).then_some(r.next_stage),
+            codec,
+            jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes)?,
+        };
+        *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
+        Ok(reply)
+    }
+}
+
+fn codec_of(d: i32) -> Result<Codec> {
+    match v1::ActivationDtype::try_from(d) {
+        Ok(v1::ActivationDtype::F32) => Ok(Codec::F32),
+        Ok(v1::ActivationDtype::Bf16) => Ok(Codec::Bf16),
+        Ok(v1::ActivationDtype::Q8) => Ok(Codec::Q8),
+        Ok(v1::ActivationDtype::Unspecified) | Err(_) => {
+            Err(Error::InvalidFrame(format!("unknown activation dtype {d}")))
+        }
+    }
+}
+
+/// The wire dtype of a codec.
+pub fn dtype_of(c: Codec) -> v1::ActivationDtype {
+    match c {
+        Codec::F32 => v1::ActivationDtype::F32,
+        Codec::Bf16 => v1::ActivationDtype::Bf16,
+        Codec::Q8 => v1::ActivationDtype::Q8,
+    }
+}
+
+/// Connects to a peer with keepalives that notice a dead host within a few seconds.
+pub async fn connect(addr: &str) -> std::result::Result<tonic::transport::Channel, tonic::transport::Error> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    tonic::transport::Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+}
+
+/// Checks a frame against the shard and turns it into a step.
+fn to_step(sh: &Loaded, f: v1::ForwardFrame, buf: &mut Vec<f32>) -> Result<Step> {
+    let bad = |m: String| Error::InvalidFrame(m);
+    if f.chunks.is_empty() || f.chunks.len() > MAX_FRAME_CHUNKS {
+        return Err(bad(format!("{} chunks (1..={MAX_FRAME_CHUNKS})", f.chunks.len())));
+    }
+    let n: usize = f.chunks.iter().map(|c| c.n_tokens as usize).sum();
+    if n == 0 || n > MAX_FRAME_TOKENS {
+        return Err(bad(format!("{n} tokens in the frame (1..={MAX_FRAME_TOKENS})")));
+    }
+    let input = match f.input {
+        Some(v1::forward_frame::Input::Tokens(t)) => {
+            if !sh.embed {
+                return Err(bad("token ids sent to a stage without the embedding".into()));
+            }
+            if t.ids.len() != n {
+                return Err(bad(format!("{} token ids for chunks totalling {n} tokens", t.ids.len())));
+            }
+            Input::Tokens(t.ids)
+        }
+        Some(v1::forward_frame::Input::Hidden(a)) => {
+            if sh.embed {
+                return Err(bad("hidden states sent to the embedding stage".into()));
+            }
+            let c = codec_of(a.dtype)?;
+            if a.n_tokens as usize != n {
+                return Err(bad(format!("activations of {} tokens for chunks totalling {n}", a.n_tokens)));
+            }
+            if a.dim as usize != sh.n_embd {
+                return Err(bad(format!("activation dim {} but the model's n_embd is {}", a.dim, sh.n_embd)));
+            }
+            codec::decode(c, &a.data, n, sh.n_embd, buf)?;
+            Input::Hidden(std::mem::take(buf))
+        }
+        None => return Err(bad("a frame without input".into())),
+    };
+    let mut starts = Vec::with_capacity(f.starts.len());
+    for s in f.starts {
+        // No parameters: greedy.
+        let Some(p) = s.sampling else {
+            starts.push(Start { seq: s.seq, params: SamplingParams::greedy(), want_logprobs: false, history: s.history });
+            continue;
+        };
+        let params = SamplingParams {
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            repeat_last_n: p.repeat_last_n as usize,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+        };
+        params.validate().map_err(|m| bad(format!("sequence {}: {m}", s.seq)))?;
+        starts.push(Start { seq: s.seq, params, want_logprobs: p.logprobs, history: s.history });
+    }
+    let chunks = f.chunks.iter().map(|c| SeqChunk { seq: c.seq, n_tokens: c.n_tokens as usize }).collect();
+    let sample = f.chunks.iter().map(|c| c.sample).collect();
+    Ok(Step { chunks, sample, starts, input })
+}
+
+async fn run_job<T>(sh: &Loaded, make: impl FnOnce(oneshot::Sender<T>) -> Job) -> Result<T> {
+    let (tx, rx) = oneshot::channel();
+    sh.jobs.send(make(tx)).map_err(|_| Error::ComputeGone)?;
+    rx.await.map_err(|_| Error::ComputeGone)
+}
+
+type ResultStream = Pin<Box<dyn tokio_stream::Stream<Item = std::result::Result<v1::ForwardResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl worker_server::Worker for WorkerService {
+    async fn hello(&self, req: Request<v1::HelloRequest>) -> std::result::Result<Response<v1::HelloReply>, Status> {
+        let r = req.into_inner();
+        if !shoal_proto::is_compatible(r.protocol_major, r.protocol_minor) {
+            return Err(Error::IncompatibleProtocol { peer: r.protocol_major, ours: shoal_proto::PROTOCOL_MAJOR }.into());
+        }
+        let h = shoal_proto::hello(self.cfg.node_name.clone());
+        Ok(Response::new(v1::HelloReply {
+            protocol_major: h.protocol_major,
+            protocol_minor: h.protocol_minor,
+            node_name: h.node_name,
+            capabilities: h.capabilities,
+        }))
+    }
+
+    async fn get_inventory(&self, _: Request<v1::InventoryRequest>) -> std::result::Result<Response<v1::Inventory>, Status> {
+        Ok(Response::new(crate::inventory::inventory(&self.cfg.node_name, &self.cfg.models_dir, self.bandwidth)))
+    }
+
+    async fn load_shard(&self, req: Request<v1::LoadShardRequest>) -> std::result::Result<Response<v1::LoadShardReply>, Status> {
+        let r = req.into_inner();
+        tracing::info!(file = %r.model_file, layers = ?(r.layer_start..r.layer_end), embed = r.embed, head = r.head, "load shard");
+        let this = self.clone();
+        let reply = tokio::task::spawn_blocking(move || this.load(r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(reply))
+    }
+
+    type ForwardStream = ResultStream;
+
+    async fn forward(
+        &self,
+        req: Request<Streaming<v1::ForwardFrame>>,
+    ) -> std::result::Result<Response<Self::ForwardStream>, Status> {
+        let sh = self.loaded()?;
+        let mut inbound = req.into_inner();
+        let (up_tx, up_rx) = tmpsc::channel::<std::result::Result<v1::ForwardResult, Status>>(64);
+
+        // The stream to the next stage, and a task relaying its results up.
+        let down = match &sh.next {
+            None => None,
+            Some(addr) => {
+                let ns = |msg: String| Status::from(Error::NextStage { addr: addr.clone(), msg });
+                let ch = connect(addr).await.map_err(|e| ns(e.to_string()))?;
+                let mut client = WorkerClient::new(ch)
+                    .max_decoding_message_size(shoal_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(shoal_proto::MAX_MESSAGE_BYTES);
+                client.hello(shoal_proto::hello(self.cfg.node_name.clone())).await.map_err(|e| ns(e.message().to_string()))?;
+                let (dtx, drx) = tmpsc::channel::<v1::ForwardFrame>(64);
+                let mut results =
+                    client.forward(ReceiverStream::new(drx)).await.map_err(|e| ns(e.message().to_string()))?.into_inner();
+                let relay_tx = up_tx.clone();
+                let addr = addr.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match results.message().await {
+                            Ok(Some(r)) => {
+                                if relay_tx.send(Ok(r)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(s) => {
+                                // A frame the next stage refused keeps its code; a broken link
+                                // becomes UNAVAILABLE naming the stage.
+                                use tonic::Code as C;
+                                let (code, msg) = match s.code() {
+                                    C::InvalidArgument | C::FailedPrecondition | C::ResourceExhausted => {
+                                        (s.code(), s.message().to_string())
+                                    }
+                                    _ if s.message().starts_with("next stage") => (C::Unavailable, s.message().to_string()),
+                                    _ => (C::Unavailable, format!("next stage {addr} failed: {}", s.message())),
+                                };
+                                let _ = relay_tx.send(Err(Status::new(code, msg))).await;
+                                break;
+                            }
+                        }
+                    }
+                });
+                Some(dtx)
+            }
+        };
+
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut enc = Vec::new();
+            loop {
+                let frame = match inbound.message().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) | Err(_) => break,
+                };
+                let step_id = frame.step;
+                let span = tracing::debug_span!("forward", step = step_id, chunks = frame.chunks.len());
+                let r: Result<()> = async {
+                    let step = to_step(&sh, frame, &mut buf)?;
+                    let chunks: Vec<v1::Chunk> = step
+                        .chunks
+                        .iter()
+                        .zip(&step.sample)
+                        .map(|(c, &s)| v1::Chunk { seq: c.seq, n_tokens: c.n_tokens as u32, sample: s })
+                        .collect();
+                    let starts_msg: Vec<v1::SeqStart> = step
+                        .starts
+                        .iter()
+                        .map(|s| v1::SeqStart {
+                            seq: s.seq,
+                            sampling: Some(params_to_wire(&s.params, s.want_logprobs)),
+                            history: s.history.clone(),
+                        })
+                        .collect();
+                    let out = run_job(&sh, |tx| Job::Step(step, tx)).await??;
+                    match (out, &down) {
+                        (Output::Hidden(h), Some(dtx)) => {
+                            let n: usize = chunks.iter().map(|c| c.n_tokens as usize).sum();
+                            codec::encode(sh.codec, &h, n, sh.n_embd, &mut enc)?;
+                            let frame = v1::ForwardFrame {
+                                step: step_id,
+                                chunks,
+                                starts: starts_msg,
+                                input: Some(v1::forward_frame::Input::Hidden(v1::Activations {
+                                    dtype: dtype_of(sh.codec) as i32,
+                                    n_tokens: n as u32,
+                                    dim: sh.n_embd as u32,
+                                    data: std::mem::take(&mut enc),
+                                })),
+                            };
+                            dtx.send(frame).await.map_err(|_| Error::NextStage {
+                                addr: sh.next.clone().unwrap_or_default(),
+                                msg: "the stream to the next stage closed".into(),
+                            })?;
+                            buf = h;
+                        }
+                        (Output::Tokens(t), _) => {
+                            let tokens = t
+                                .into_iter()
+                                .map(|(seq, token, logprob)| v1::SampledToken { seq, token, logprob })
+                                .collect();
+                            let _ = up_tx.send(Ok(v1::ForwardResult { step: step_id, tokens })).await;
+                        }
+                        (Output::Hidden(_), None) => {
+                            return Err(Error::InvalidFrame(
+                                "this stage has no head and no next stage: LoadShard is incomplete".into(),
+                            ));
+                        }
+                    }
+                    Ok(())
+                }
+                .instrument(span)
+                .await;
+                if let Err(e) = r {
+                    if matches!(e, Error::InvalidFrame(_) | Error::Codec(_) | Error::Model(_)) {
+                        this.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tracing::warn!(step = step_id, "forward: {e}");
+                    let _ = up_tx.send(Err(e.into())).await;
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(up_rx))))
+    }
+
+    async fn release(&self, req: Request<v1::ReleaseRequest>) -> std::result::Result<Response<v1::ReleaseReply>, Status> {
+        let sh = self.loaded()?;
+        let seqs = req.into_inner().seqs;
+        let released = run_job(&sh, |tx| Job::Release(seqs, tx)).await?;
+        Ok(Response::new(v1::ReleaseReply { released }))
+    }
+
+    async fn health(&self, _: Request<v1::HealthRequest>) -> std::result::Result<Response<v1::HealthReply>, Status> {
+        Ok(Response::new(v1::HealthReply { serving: true, loaded: self.loaded().is_ok() }))
+    }
+
+    async fn stats(&self, _: Request<v1::StatsRequest>) -> std::result::Result<Response<v1::StatsReply>, Status> {
+        let rejected = self.rejected.load(std::sync::atomic::Ordering::Relaxed);
+        let c = match self.loaded() {
+            Ok(sh) => run_job(&sh, Job::Stats).await?,
+            Err(_) => compute::Counters::default(),
+        };
+        Ok(Response::new(v1::StatsReply {
+            steps: c.steps,
+            tokens: c.tokens,
+            compute_ns: c.compute_ns,
+            sequences: c.sequences,
+            kv_bytes: c.kv_bytes,
+            frames_rejected: rejected,
+        }))
+    }
+}
+
+/// Sampling parameters as they travel.
+pub fn params_to_wire(p: &SamplingParams, logprobs: bool) -> v1::SamplingParams {
+    v1::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_last_n: p.repeat_last_n as u32,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        seed: p.seed,
+        logprobs,
+    }
+}
+
+/// Serves `svc` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, svc: WorkerService) -> Result<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .add_service(
+            worker_server::WorkerServer::new(svc)
+                .max_decoding_message_size(shoal_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(shoal_proto::MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}
