@@ -4,9 +4,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use shoal_model::chat::ChatMessage;
-use shoal_model::engine::{Engine, GenerateRequest};
+use shoal_model::chat::{ChatMessage, ChatTemplate};
+use shoal_model::engine::{Engine, GenerateRequest, Generation};
 use shoal_model::sampling::SamplingParams;
+use shoal_model::tokenizer::Tokenizer;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -75,6 +76,20 @@ pub fn run(a: RunArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(super::default_threads);
     let mut engine = Engine::load(&a.model, threads, a.ctx)?;
     super::prefault(&engine.file);
+    let req = request(&a, &engine.tokenizer, engine.chat.as_ref())?;
+    let mut sink = StdoutSink::new();
+    let t0 = std::time::Instant::now();
+    let g = engine.generate(&req, |piece| sink.write(piece))?;
+    sink.finish()?;
+    if a.print_stats {
+        print_stats(&g, t0.elapsed().as_secs_f64(), 0);
+    }
+    Ok(())
+}
+
+/// The generation `a` asks for: sampling parameters checked, the prompt tokenized raw (BOS as
+/// the vocabulary wants) or, with `--chat`, formatted by the model's template.
+pub(super) fn request(a: &RunArgs, tok: &Tokenizer, chat: Option<&ChatTemplate>) -> Result<GenerateRequest> {
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -86,47 +101,64 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let prompt_tokens = if a.chat {
+        let chat = chat.ok_or_else(|| {
+            shoal_model::Error::ChatTemplate("the model file has no chat template".into())
+        })?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
             messages.push(ChatMessage { role: "system".into(), content: s.clone() });
         }
         messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone() });
-        let text = engine.apply_chat(&messages)?;
         // The template writes BOS itself when the model wants one.
-        engine.tokenizer.encode(&text, false, true)?
+        tok.encode(&chat.render(&messages, true)?, false, true)?
     } else {
-        engine.tokenize(&a.prompt, false)?
+        tok.encode(&a.prompt, true, false)?
     };
-    let req = GenerateRequest {
+    Ok(GenerateRequest {
         prompt_tokens,
         params,
         max_tokens: a.max_tokens,
-        stop: a.stop,
+        stop: a.stop.clone(),
         stop_at_eog: !a.ignore_eos,
-    };
-    let mut out = std::io::stdout().lock();
-    let t0 = std::time::Instant::now();
-    let mut write_err = None;
-    let g = engine.generate(&req, |piece| {
-        if write_err.is_none()
-            && let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush())
+    })
+}
+
+/// Streams completion text to stdout, keeping the first write error for the end.
+pub(super) struct StdoutSink {
+    out: std::io::StdoutLock<'static>,
+    err: Option<std::io::Error>,
+}
+
+impl StdoutSink {
+    pub(super) fn new() -> Self {
+        StdoutSink { out: std::io::stdout().lock(), err: None }
+    }
+
+    pub(super) fn write(&mut self, piece: &str) {
+        if self.err.is_none()
+            && let Err(e) = self.out.write_all(piece.as_bytes()).and_then(|_| self.out.flush())
         {
-            write_err = Some(e);
+            self.err = Some(e);
         }
-    })?;
-    if let Some(e) = write_err {
-        return Err(e).context("writing to stdout");
     }
-    writeln!(out)?;
-    let dt = t0.elapsed().as_secs_f64();
-    if a.print_stats {
-        eprintln!(
-            "shoal: prompt_tokens={} generated_tokens={} finish={} seconds={dt:.3} peak_rss_bytes={}",
-            g.n_prompt,
-            g.tokens.len(),
-            g.finish.as_str(),
-            super::peak_rss_bytes().unwrap_or(0)
-        );
+
+    /// Ends the completion with a newline; reports a failed write.
+    pub(super) fn finish(mut self) -> Result<()> {
+        if let Some(e) = self.err.take() {
+            return Err(e).context("writing to stdout");
+        }
+        writeln!(self.out).context("writing to stdout")
     }
-    Ok(())
+}
+
+/// The `--print-stats` line on stderr.
+pub(super) fn print_stats(g: &Generation, seconds: f64, workers: usize) {
+    eprintln!(
+        "shoal: prompt_tokens={} generated_tokens={} finish={} seconds={seconds:.3} \
+         peak_rss_bytes={} workers={workers}",
+        g.n_prompt,
+        g.tokens.len(),
+        g.finish.as_str(),
+        super::peak_rss_bytes().unwrap_or(0),
+    );
 }

@@ -1,15 +1,16 @@
 //! The tile kernel interface shared by every SIMD level, and the choice of kernel.
 //!
 //! A [`Tile`] is a block of the product `out (toks, rows) = act (toks, ·) · w (rows, ·)ᵀ`.
-//! Every kernel walks the tokens in groups (four, or eight where registers allow) and, for each
-//! weight row (or pair of rows), computes the dots with all tokens of the group at once, so
+//! The SIMD kernels walk the tokens in groups (four, or eight where registers allow) and, for
+//! each weight row (or pair of rows), compute the dots with all tokens of the group at once, so
 //! that a weight block is loaded and decoded once per group (prefill) while decode
-//! (`toks == 1`) streams the rows one at a time. A [`Kernel`] also says which activation
-//! layout it reads ([`ActLayout`]).
+//! (`toks == 1`) streams the rows one at a time. Every kernel reads its activations as rows
+//! of plain vec_dot_type blocks, as ggml does. A [`Kernel`] may name a second tile function
+//! for products of [`LARGE_BATCH`] tokens or more, where llama.cpp rounds differently.
 
-use super::{act, scalar};
+use super::scalar;
+use crate::GgmlType;
 use crate::cpu::SimdLevel;
-use crate::{Error, GgmlType, Result};
 
 /// A block of the product, described by raw pointers so the same kernel serves every thread.
 ///
@@ -205,38 +206,23 @@ fn portable_tile(ty: GgmlType) -> Option<TileFn> {
     })
 }
 
-/// How a kernel wants its activation rows laid out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ActLayout {
-    /// Rows of the vec_dot_type's own blocks, as in ggml.
-    Blocks,
-    /// Q8_0 (`min == false`) or Q8_1 blocks in the pair layout of
-    /// [`super::act::pack_q8_pairs`], for weights stored with offset `off`.
-    Pairs { min: bool, off: i32 },
-}
-
 /// Products of this many tokens or more take [`Kernel::large`]: llama.cpp switches K-quant
 /// matmuls to its tiled kernels from 8 tokens (`ggml_tiled_min_batch`), which round
 /// differently from `vec_dot`.
 pub const LARGE_BATCH: usize = 8;
 
-/// A tile kernel and the activation layout it reads.
+/// A tile kernel, and the one that replaces it for large products.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel {
     pub tile: TileFn,
-    /// The kernel for products of [`LARGE_BATCH`] tokens or more (same layout), where it
-    /// differs from `tile`.
+    /// The kernel for products of [`LARGE_BATCH`] tokens or more, where it differs from
+    /// `tile`.
     pub large: Option<TileFn>,
-    pub layout: ActLayout,
 }
 
 impl Kernel {
-    fn blocks(tile: TileFn) -> Self {
-        Kernel {
-            tile,
-            large: None,
-            layout: ActLayout::Blocks,
-        }
+    pub(crate) fn new(tile: TileFn) -> Self {
+        Kernel { tile, large: None }
     }
 
     /// The tile kernel for a product of `n` tokens.
@@ -244,49 +230,6 @@ impl Kernel {
         match self.large {
             Some(f) if n >= LARGE_BATCH => f,
             _ => self.tile,
-        }
-    }
-
-    /// Bytes of one activation row of `cols` elements for weights of type `ty`.
-    pub fn act_row_bytes(&self, ty: GgmlType, cols: usize) -> Result<usize> {
-        let bytes = super::row_bytes(ty.vec_dot_type(), cols)?;
-        Ok(match self.layout {
-            ActLayout::Blocks => bytes,
-            ActLayout::Pairs { .. } => act::pair_row_bytes(cols),
-        })
-    }
-
-    /// Quantizes one activation row for weights of type `ty` into `out` (exactly
-    /// [`Kernel::act_row_bytes`] long).
-    pub fn quantize_act(&self, ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<()> {
-        match self.layout {
-            ActLayout::Blocks => super::quantize_activations(ty.vec_dot_type(), x, out),
-            ActLayout::Pairs { min, off } => {
-                let want = self.act_row_bytes(ty, x.len())?;
-                if out.len() != want {
-                    return Err(Error::BadBufferSize {
-                        what: "quantized activations",
-                        want,
-                        got: out.len(),
-                    });
-                }
-                act::quantize_row_q8_pairs(x, min, off, out);
-                Ok(())
-            }
-        }
-    }
-
-    /// Converts one activation row already in `ty`'s vec_dot_type blocks to this kernel's
-    /// layout (the same values).
-    pub fn relayout_act(&self, ty: GgmlType, blocks: &[u8]) -> Vec<u8> {
-        match self.layout {
-            ActLayout::Blocks => blocks.to_vec(),
-            ActLayout::Pairs { min, off } => {
-                let bb = ty.vec_dot_type().type_size();
-                let mut out = vec![0u8; (blocks.len() / bb).div_ceil(2) * act::PAIR_BYTES];
-                act::pack_q8_pairs(blocks, min, off, &mut out);
-                out
-            }
         }
     }
 }
@@ -302,5 +245,5 @@ pub fn kernel(ty: GgmlType, level: SimdLevel) -> Option<Kernel> {
         }
     }
     let _ = level;
-    portable_tile(ty).map(Kernel::blocks)
+    portable_tile(ty).map(Kernel::new)
 }

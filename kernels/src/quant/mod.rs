@@ -5,11 +5,26 @@
 //! compute set is [`GgmlType::is_supported`]. Block layouts follow ggml's `ggml-common.h`.
 //!
 //! For the compute set this module also owns the numerics: dequantization (`blocks`),
-//! activation quantization into each weight type's vec_dot_type (`act`), and the dot-product
-//! kernels (`kernel` chooses among `scalar`, the portable reference, and the x86 `x86`/`x86_k`
-//! paths). Integer results match ggml's CPU kernels exactly and activation bytes are
-//! identical to llama.cpp's on x86 (`ggml_ref` checks both against ggml itself); only the
-//! order of f32 accumulation differs. Nothing here allocates on the matmul hot path.
+//! activation quantization into each weight type's vec_dot_type (`act`: q8_0, q8_1, q8_K,
+//! f16, bf16 or f32, byte for byte what ggml's x86 quantizers write), and the dot-product
+//! kernels, which `kernel` chooses: `scalar`, the portable reference, or on x86 `x86` (float
+//! formats), `x86_q0` (32-element formats) and `x86_k` (K formats). Nothing here allocates on
+//! the matmul hot path.
+//!
+//! Key decision: the x86 kernels sum in the order of llama.cpp's CPU backend (the AVX-512
+//! VNNI build its fixtures come from), so their outputs are its outputs bit for bit:
+//! - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: per block, eight integer lane sums, then
+//!   `acc = fma(dx·dy, lanes, acc)`; `hsum_float_8(acc)` at the end. Q4_1 and Q5_1 add a
+//!   fused `summs = fma(m, s, summs)` over blocks last.
+//! - Q4_K: llama.cpp's repacked 8×8 kernels, GEMM for each group of 4 tokens and GEMV for
+//!   the tokens left over.
+//! - Q6_K: `vec_dot_q6_K_q8_K` below 8 tokens, ggml's tiled kernel from 8.
+//!
+//! Not claimed bit-exact: the portable path (same integers, another float order); F32, F16,
+//! BF16; Q5_K; Q4_K matrices whose row count is not a multiple of 8 (llama.cpp does not
+//! repack them); Q4_0 matrices that llama.cpp repacks (row count a multiple of 8); llama.cpp
+//! builds without AVX-512. `ggml_ref` checks the activation bytes and every level's dot
+//! products against ggml itself; `tests/tests/fidelity.rs` checks whole models.
 
 use crate::cpu::SimdLevel;
 use crate::{Error, Result};
@@ -300,21 +315,19 @@ pub fn vec_dot(ty: GgmlType, level: SimdLevel, cols: usize, w: &[u8], a: &[u8]) 
             got: a.len(),
         });
     }
-    let a = k.relayout_act(ty, a);
     let mut out = 0.0f32;
     let tile = kernel::Tile {
         w: w.as_ptr(),
         w_stride: want_w,
         rows: 1,
         a: a.as_ptr(),
-        a_stride: a.len(),
+        a_stride: want_a,
         toks: 1,
         out: &mut out,
         out_stride: 1,
         nb: cols / ty.block_size(),
     };
-    // SAFETY: both rows were checked to hold `cols` elements of their formats, and the
-    // relaid activations are what the kernel reads.
+    // SAFETY: both rows were checked to hold `cols` elements of their formats.
     unsafe { (k.tile)(&tile) };
     Ok(out)
 }

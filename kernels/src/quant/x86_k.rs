@@ -1,12 +1,19 @@
 //! x86-64 kernels for the K formats (Q4_K, Q5_K, Q6_K against Q8_K).
 //!
-//! AVX2 works on 32 quants per register like ggml's AVX2 kernels: `vpmaddubsw` of the
-//! unsigned weight quants with the activation bytes, `vpmaddwd` with the sub-block scale,
-//! i32 lanes summed over the super-block, then one `fma(dx·dy, float(lanes), acc)`. The mins
-//! of Q4_K/Q5_K and Q6_K's offset of 32 come from the activation's `bsums`.
+//! Both levels work on 32 quants per 256-bit register like ggml's AVX2 kernels: `vpmaddubsw`
+//! of the unsigned weight quants with the activation bytes, then `vpmaddwd` (AVX2) or VNNI
+//! `vpdpwssd` (AVX-512) with the sub-block scales into i32 lanes; AVX-512 takes 8 tokens at a
+//! time. The mins of Q4_K/Q5_K and Q6_K's offset of 32 come from the activation's `bsums`.
 //!
-//! AVX-512 does the same on 64 quants per register (two Q4_K/Q5_K sub-blocks, or four Q6_K
-//! scale groups), which halves the instruction count.
+//! How the integer sums become f32 follows llama.cpp, per type:
+//! - Q4_K: its repacked 8×8 kernels (used for row counts that are multiples of 8). GEMM, for
+//!   each group of 4 tokens: per pair of sub-blocks, the integer sum of the scaled products
+//!   goes into `fma(s, d·dy, acc)` and that of the mins into `fma(m, dmin·dy, accm)`; the
+//!   result is `acc - accm`. GEMV, for the tokens left over: the same per super-block.
+//! - Q6_K: `vec_dot_q6_K_q8_K` below [`super::kernel::LARGE_BATCH`] tokens, the tiled kernel
+//!   from there (see [`Q6k`]).
+//! - Q5_K (not bit-exact): per super-block `fma(d·dy, lanes, acc)` and
+//!   `fma(-dmin·dy, min lanes, acc)`, then one horizontal sum.
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
