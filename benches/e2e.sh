@@ -53,6 +53,7 @@ log() { echo "[e2e] $*" >&2; }
 if [[ "$LLAMA_ONLY" == 0 ]]; then
     log "building shoal (release)"
     (cd "$ROOT" && cargo build --release -p shoal-coordinator >&2)
+    SHOAL_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/shoal"
 fi
 log "ensuring llama.cpp is built"
 BIN_DIR="$("$ROOT/scripts/llama-cpp/build.sh")"
@@ -68,7 +69,7 @@ for m in "${MODEL_LIST[@]}"; do
         > "$OUT/$m.llama.json" 2> "$OUT/$m.llama.log"
     if [[ "$LLAMA_ONLY" == 0 ]]; then
         log "$m: shoal bench --threads $THREADS --n-prompt 512 --n-gen 128 --reps $REPS"
-        "$ROOT/target/release/shoal" bench --model "$f" --threads "$THREADS" \
+        "$SHOAL_BIN" bench --model "$f" --threads "$THREADS" \
             --n-prompt 512 --n-gen 128 --reps "$REPS" --json \
             > "$OUT/$m.shoal.json" 2> "$OUT/$m.shoal.log"
     fi

@@ -121,6 +121,11 @@ pub fn attention_with(
     }
     let simd = use_simd();
     let kernel = Kernel::choose(numerics, shape);
+    let k_t = if kernel == Kernel::Tiled {
+        transpose_k_tiles(k_cache, kv_rows, n_kv_head, head_dim)
+    } else {
+        Vec::new()
+    };
     let dst = OutPtr(out.as_mut_ptr());
     pool.run(|ith, nth| {
         SCRATCH.with(|s| {
@@ -132,6 +137,7 @@ pub fn attention_with(
                     q: &q[pair * head_dim..(pair + 1) * head_dim],
                     k_cache,
                     v_cache,
+                    k_t: &k_t,
                     kv_head: h / (n_head / n_kv_head),
                     n_valid: n_past + t + 1,
                     shape,
@@ -145,6 +151,27 @@ pub fn attention_with(
             }
         });
     });
+}
+
+/// K rows `0..n_rows` as f32 in 64-cell tiles, each transposed to `(head_dim, 64)` so the
+/// tiled kernel's 64 scores accumulate side by side: `(n_kv_head, n_tiles, head_dim, 64)`,
+/// cells past `n_rows` zero (the kernel masks them). f16 → f32 is exact, so this changes no
+/// bits; it only saves every (token, head) pair from converting the whole cache again.
+fn transpose_k_tiles(k_cache: &[f16], n_rows: usize, n_kv_head: usize, hd: usize) -> Vec<f32> {
+    let n_tiles = n_rows.div_ceil(TILE);
+    let mut k_t = vec![0f32; n_kv_head * n_tiles * hd * TILE];
+    let row_len = n_kv_head * hd;
+    for r in 0..n_rows {
+        let (tile, c) = (r / TILE, r % TILE);
+        for kvh in 0..n_kv_head {
+            let src = &k_cache[r * row_len + kvh * hd..][..hd];
+            let dst = &mut k_t[(kvh * n_tiles + tile) * hd * TILE..][..hd * TILE];
+            for (d, &k) in src.iter().enumerate() {
+                dst[d * TILE + c] = k.to_f32();
+            }
+        }
+    }
+    k_t
 }
 
 /// llama.cpp's KV length for a sequence of `used` cells (`llama_kv_cache::get_n_kv`): `used`
@@ -208,6 +235,10 @@ struct HeadJob<'a> {
     q: &'a [f32],
     k_cache: &'a [f16],
     v_cache: &'a [f16],
+    /// For the tiled kernel: K as f32 in 64-cell tiles, each transposed,
+    /// `(n_kv_head, n_tiles, head_dim, 64)`; built once per call by [`transpose_k_tiles`] and
+    /// shared by every (token, head) pair. Empty for the other kernels.
+    k_t: &'a [f32],
     kv_head: usize,
     /// Positions attended to: `0 .. n_valid`.
     n_valid: usize,
@@ -367,21 +398,16 @@ fn tiled<const SIMD: bool>(job: &HeadJob<'_>, s: &mut Scratch, out: &mut [f32]) 
     let AttnShape { n_kv_head, head_dim: hd, scale, .. } = *job.shape;
     let row_len = n_kv_head * hd;
     let off = job.kv_head * hd;
-    let Scratch { row, acc, extra: kt, .. } = s;
+    let acc = &mut s.acc;
     acc.clear();
     acc.resize(hd, 0.0);
-    kt.resize(hd * TILE, 0.0);
+    let tile_len = hd * TILE;
+    let n_tiles = job.k_t.len() / (n_kv_head * tile_len);
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     for t0 in (0..job.n_valid).step_by(TILE) {
         let n = (job.n_valid - t0).min(TILE);
         // The K tile transposed, so the 64 scores accumulate side by side.
-        for c in 0..n {
-            let base = (t0 + c) * row_len + off;
-            f16_to_f32::<SIMD>(&job.k_cache[base..base + hd], row);
-            for (d, &k) in row.iter().enumerate() {
-                kt[d * TILE + c] = k;
-            }
-        }
+        let kt = &job.k_t[(job.kv_head * n_tiles + t0 / TILE) * tile_len..][..tile_len];
         let mut sc = [0f32; TILE];
         for (d, &qd) in job.q.iter().enumerate() {
             let kd = &kt[d * TILE..(d + 1) * TILE];
@@ -589,19 +615,6 @@ pub fn f32_to_f16_row_portable(src: &[f32], dst: &mut [f16]) {
     }
 }
 
-#[inline(always)]
-fn f16_to_f32<const SIMD: bool>(src: &[f16], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if SIMD {
-        // SAFETY: SIMD kernels run only where `use_simd()` held.
-        unsafe { x86::f16_to_f32(src, dst) };
-        return;
-    }
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
-    }
-}
-
 /// `dst = f32(f16(src))`.
 #[inline(always)]
 fn round_f16_into<const SIMD: bool>(src: &[f32], dst: &mut [f32]) {
@@ -715,23 +728,6 @@ mod x86 {
             if ROUND {
                 acc[j] = f16::from_f32(acc[j]).to_f32();
             }
-        }
-    }
-
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n <= both lengths; f16 is a u16.
-            unsafe {
-                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-            }
-            i += 8;
-        }
-        for k in i..n {
-            dst[k] = src[k].to_f32();
         }
     }
 
@@ -921,12 +917,14 @@ mod tests {
         ];
         for (n_tok, n_past, hd) in [(1, 300, 64), (7, 3, 64), (3, 9, 60), (2, 70, 128)] {
             let c = case(n_tok, n_past, 4, 2, hd);
+            let k_t = transpose_k_tiles(&c.k, n_past + n_tok, 2, hd);
             for kernel in kernels {
                 for pair in 0..n_tok * 4 {
                     let job = HeadJob {
                         q: &c.q[pair * hd..(pair + 1) * hd],
                         k_cache: &c.k,
                         v_cache: &c.v,
+                        k_t: &k_t,
                         kv_head: (pair % 4) / 2,
                         n_valid: n_past + pair / 4 + 1,
                         shape: &c.shape,
