@@ -108,7 +108,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while self.shared.remaining.load(Ordering::Acquire) != 0 {
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -134,7 +134,7 @@ fn worker_loop(shared: &Shared, ith: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && start.elapsed() > SPIN_FOR {
+            if spins.is_multiple_of(256) && start.elapsed() > SPIN_FOR {
                 let guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
                 shared.sleeping.fetch_add(1, Ordering::AcqRel);
                 let g = shared.generation.load(Ordering::Acquire);

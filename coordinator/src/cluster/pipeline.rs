@@ -219,7 +219,7 @@ impl Pipeline {
                 let starts = if i == 0 {
                     vec![v1::SeqStart {
                         seq,
-                        sampling: Some(wire_params(&req.params, logprobs)),
+                        sampling: Some(shoal_worker::service::params_to_wire(&req.params, logprobs)),
                         history: prompt.clone(),
                     }]
                 } else {
@@ -342,21 +342,6 @@ fn stage_err(first: &str, s: tonic::Status) -> Error {
             Error::Stage(format!("first stage {first} failed: {} ({:?})", s.message(), s.code()))
         }
         _ => Error::Stage(format!("{} ({:?})", s.message(), s.code())),
-    }
-}
-
-fn wire_params(p: &shoal_model::sampling::SamplingParams, logprobs: bool) -> v1::SamplingParams {
-    v1::SamplingParams {
-        temperature: p.temperature,
-        top_k: p.top_k as u32,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repeat_penalty: p.repeat_penalty,
-        repeat_last_n: p.repeat_last_n as u32,
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
-        seed: p.seed,
-        logprobs,
     }
 }
 
