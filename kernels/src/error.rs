@@ -11,8 +11,6 @@ pub enum Error {
     BadRowLength { ty: &'static str, cols: usize, block: usize },
     #[error("buffer of {got} bytes where {want} were expected ({what})")]
     BadBufferSize { what: &'static str, want: usize, got: usize },
-    #[error("shoal was built without CUDA support")]
-    NotCompiledWithCuda,
 }
 
 impl Error {
@@ -23,8 +21,7 @@ impl Error {
             Error::UnknownType(_)
             | Error::UnsupportedType(_)
             | Error::BadRowLength { .. }
-            | Error::BadBufferSize { .. }
-            | Error::NotCompiledWithCuda => false,
+            | Error::BadBufferSize { .. } => false,
         }
     }
 }
