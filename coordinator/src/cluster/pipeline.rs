@@ -57,15 +57,8 @@ pub struct LoadOptions {
 /// Connects to `addr`, says Hello, reads the inventory.
 pub async fn connect(addr: &str) -> Result<Worker> {
     let conn = |msg: String| Error::Connect { addr: addr.to_string(), msg };
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let ch = tonic::transport::Endpoint::from_shared(uri)
-        .map_err(|e| conn(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect()
+    // The same channel settings (timeouts, keepalives) as between stages.
+    let ch = shoal_worker::service::connect(addr)
         .await
         .map_err(|e| conn(format!("{e}: {}", source_chain(&e))))?;
     let mut client = WorkerClient::new(ch)

@@ -1,5 +1,5 @@
 //! Bit-compatibility with llama.cpp: shoal's kernels against what ggml's own CPU kernels
-//! computed for the same inputs (`ggml_ref_data.rs`, written by `ggml_ref_gen.c`).
+//! computed for the same inputs (`ggml_ref_data.rs`, written by `scripts/reference/ggml_ref_gen.c`).
 //!
 //! Checked per weight type: the quantized activation bytes are identical (FNV-1a hash), the
 //! dequantized weights agree (position-weighted sums, so a layout misread shows), and every
