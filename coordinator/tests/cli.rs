@@ -169,3 +169,29 @@ fn greedy_run_prints_only_the_completion_and_maps_weights() {
     let size = std::fs::metadata(&model).unwrap().len();
     assert!(rss < size + 150_000_000, "peak RSS {rss} ≥ file {size} + 150 MB");
 }
+
+fn run_ok(args: &[&str]) -> (String, String) {
+    let out = shoal().arg("run").args(["--threads", "2", "--model"]).arg(smollm2()).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    (String::from_utf8(out.stdout).unwrap(), err)
+}
+
+/// Greedy "The capital of France is" → " Paris.\n\nThe United States has ..." (the fixture).
+#[test]
+fn stop_strings_and_max_tokens_end_generation() {
+    let (text, err) = run_ok(&["--temperature", "0", "--stop", ".", "--print-stats", "The capital of France is"]);
+    assert_eq!(text, " Paris\n");
+    assert!(err.contains("finish=stop"), "{err}");
+    let (text, err) = run_ok(&["--temperature", "0", "--max-tokens", "2", "--print-stats", "The capital of France is"]);
+    assert_eq!(text, " Paris.\n");
+    assert!(err.contains("generated_tokens=2 finish=length"), "{err}");
+}
+
+#[test]
+fn a_seed_reproduces_a_sampled_completion() {
+    let args = |seed: &'static str| ["--temperature", "1.0", "--top-k", "0", "--top-p", "1.0", "--min-p", "0", "--seed", seed, "--max-tokens", "24", "--ignore-eos", "Once upon a time"];
+    let a = run_ok(&args("7")).0;
+    assert_eq!(a, run_ok(&args("7")).0);
+    assert_ne!(a, run_ok(&args("8")).0, "two seeds gave the same 24 sampled tokens");
+}
