@@ -108,6 +108,83 @@ impl StopMatcher {
     }
 }
 
+/// Turns sampled tokens into a completion: stops at end-of-generation tokens (when asked), at
+/// stop strings and at `max_tokens`, and hands out text only when it is valid UTF-8 and cannot
+/// be the start of a stop string. Shared by the single-process engine and the pipeline driver,
+/// so both end generations the same way.
+pub struct TokenStream<'a> {
+    tok: &'a Tokenizer,
+    req: &'a GenerateRequest,
+    tokens: Vec<u32>,
+    dec: StreamDecoder,
+    stops: StopMatcher,
+    finish: FinishReason,
+}
+
+impl<'a> TokenStream<'a> {
+    pub fn new(tok: &'a Tokenizer, req: &'a GenerateRequest) -> Self {
+        TokenStream {
+            tok,
+            req,
+            tokens: Vec::new(),
+            dec: StreamDecoder::new(),
+            stops: StopMatcher::new(req.stop.clone()),
+            finish: FinishReason::Length,
+        }
+    }
+
+    /// Accepts one sampled token, passing any text now decided to `on_text`. Returns whether
+    /// generation goes on.
+    pub fn push(&mut self, id: u32, on_text: &mut dyn FnMut(&str)) -> bool {
+        if self.req.stop_at_eog && self.tok.is_eog(id) {
+            self.finish = FinishReason::Stop;
+            return false;
+        }
+        self.tokens.push(id);
+        let (out, hit) = self.stops.push(&self.dec.push(&self.tok.token_bytes(id, false)));
+        if !out.is_empty() {
+            on_text(&out);
+        }
+        if hit {
+            self.finish = FinishReason::Stop;
+            return false;
+        }
+        self.tokens.len() < self.req.max_tokens
+    }
+
+    /// Tokens accepted so far.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Flushes held-back text (when no stop string ended the generation) and returns it all.
+    pub fn finish(mut self, on_text: &mut dyn FnMut(&str)) -> Generation {
+        if self.finish == FinishReason::Length {
+            let (out, _) = self.stops.push(&self.dec.finish());
+            on_text(&out);
+            on_text(&self.stops.finish());
+        }
+        Generation {
+            tokens: self.tokens,
+            text: self.stops.text().to_string(),
+            finish: self.finish,
+            n_prompt: self.req.prompt_tokens.len(),
+        }
+    }
+}
+
+/// One decode step of one sequence on a shard that holds the whole model.
+fn decode_step(exec: &mut ShardExecutor, seq: u64, token: u32) -> Result<Vec<f32>> {
+    match exec.forward(&[SeqChunk { seq, n_tokens: 1 }], StageInput::Tokens(&[token]))? {
+        StageOutput::Logits(l) => Ok(l),
+        StageOutput::Hidden(_) => unreachable!("a full shard has the head"),
+    }
+}
+
 fn floor_boundary(s: &str, mut i: usize) -> usize {
     i = i.min(s.len());
     while !s.is_char_boundary(i) {
@@ -186,10 +263,7 @@ impl Engine {
 
     /// One decode step for one sequence.
     pub fn decode(&mut self, seq: u64, token: u32) -> Result<Vec<f32>> {
-        match self.exec.forward(&[SeqChunk { seq, n_tokens: 1 }], StageInput::Tokens(&[token]))? {
-            StageOutput::Logits(l) => Ok(l),
-            StageOutput::Hidden(_) => unreachable!("a full shard has the head"),
-        }
+        decode_step(&mut self.exec, seq, token)
     }
 
     /// Generates a completion; `on_text` receives valid UTF-8 pieces as they are decided.
@@ -214,38 +288,17 @@ impl Engine {
         let mut sampler = Sampler::new(req.params.clone());
         sampler.accept(&req.prompt_tokens);
         let mut logits = self.prefill(seq, &req.prompt_tokens)?;
-        let mut tokens = Vec::new();
-        let mut dec = StreamDecoder::new();
-        let mut stops = StopMatcher::new(req.stop.clone());
-        let mut finish = FinishReason::Length;
-        while tokens.len() < req.max_tokens {
-            let id = sampler.sample(&logits);
-            if req.stop_at_eog && self.tokenizer.is_eog(id) {
-                finish = FinishReason::Stop;
-                break;
+        let mut stream = TokenStream::new(&self.tokenizer, req);
+        if req.max_tokens > 0 {
+            loop {
+                let id = sampler.sample(&logits);
+                if !stream.push(id, on_text) || req.prompt_tokens.len() + stream.len() >= n_ctx {
+                    break;
+                }
+                logits = decode_step(&mut self.exec, seq, id)?;
             }
-            tokens.push(id);
-            let piece = dec.push(&self.tokenizer.token_bytes(id, false));
-            let (out, hit) = stops.push(&piece);
-            if !out.is_empty() {
-                on_text(&out);
-            }
-            if hit {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if tokens.len() == req.max_tokens || req.prompt_tokens.len() + tokens.len() >= n_ctx {
-                break;
-            }
-            logits = self.decode(seq, id)?;
         }
-        if finish == FinishReason::Length {
-            let (out, _) = stops.push(&dec.finish());
-            on_text(&out);
-            let rest = stops.finish();
-            on_text(&rest);
-        }
-        Ok(Generation { tokens, text: stops.text().to_string(), finish, n_prompt: req.prompt_tokens.len() })
+        Ok(stream.finish(on_text))
     }
 }
 

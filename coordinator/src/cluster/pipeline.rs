@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use shoal_kernels::codec::Codec;
 use shoal_model::arch::Config;
-use shoal_model::engine::{FinishReason, GenerateRequest, Generation, PREFILL_CHUNK, StopMatcher};
+use shoal_model::engine::{GenerateRequest, Generation, PREFILL_CHUNK, TokenStream};
 use shoal_model::gguf::GgufFile;
-use shoal_model::tokenizer::{StreamDecoder, Tokenizer};
+use shoal_model::tokenizer::Tokenizer;
 use shoal_proto::v1::{self, worker_client::WorkerClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -291,38 +291,11 @@ impl Pipeline {
         req: &GenerateRequest,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let mut tokens = Vec::new();
-        let mut dec = StreamDecoder::new();
-        let mut stops = StopMatcher::new(req.stop.clone());
-        let mut finish = FinishReason::Length;
+        let mut stream = TokenStream::new(tok, req);
         if req.max_tokens > 0 {
-            self.sample_loop(req, false, |s, _| {
-                let id = s.token;
-                if req.stop_at_eog && tok.is_eog(id) {
-                    finish = FinishReason::Stop;
-                    return false;
-                }
-                tokens.push(id);
-                let piece = dec.push(&tok.token_bytes(id, false));
-                let (out, hit) = stops.push(&piece);
-                if !out.is_empty() {
-                    on_text(&out);
-                }
-                if hit {
-                    finish = FinishReason::Stop;
-                    return false;
-                }
-                tokens.len() < req.max_tokens
-            })
-            .await?;
+            self.sample_loop(req, false, |s, _| stream.push(s.token, &mut on_text)).await?;
         }
-        if finish == FinishReason::Length {
-            let (out, _) = stops.push(&dec.finish());
-            on_text(&out);
-            let rest = stops.finish();
-            on_text(&rest);
-        }
-        Ok(Generation { tokens, text: stops.text().to_string(), finish, n_prompt: req.prompt_tokens.len() })
+        Ok(stream.finish(&mut on_text))
     }
 }
 
