@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use shoal_coordinator::cluster::local::LocalCluster;
 use shoal_coordinator::cluster::pipeline::{self, LoadOptions, Pipeline, Sampled};
+use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
 use shoal_kernels::codec::Codec;
 use shoal_model::engine::{Engine, GenerateRequest};
 use shoal_model::gguf::GgufFile;
@@ -49,13 +50,13 @@ fn opts(name: &str, codec: Codec) -> LoadOptions {
     }
 }
 
-async fn load(addrs: &[String], name: &str, codec: Codec) -> Pipeline {
+async fn load(addrs: &[String], name: &str, codec: Codec) -> Scheduler {
     let mut workers = Vec::new();
     for a in addrs {
         workers.push(pipeline::connect(a).await.unwrap());
     }
     let file = GgufFile::open(model_path(name)).unwrap();
-    Pipeline::load(workers, &file, &opts(name, codec)).await.unwrap()
+    Scheduler::start(Pipeline::load(workers, &file, &opts(name, codec)).await.unwrap(), SchedulerConfig::default())
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
@@ -81,7 +82,7 @@ fn reference(engine: &mut Engine, prompt: &[u32], n: usize) -> Vec<(u32, f32, f3
     out
 }
 
-async fn through(p: &mut Pipeline, prompt: &[u32], n: usize) -> Vec<Sampled> {
+async fn through(p: &Scheduler, prompt: &[u32], n: usize) -> Vec<Sampled> {
     p.sample_loop(&greedy(prompt.to_vec(), n), true, |_, len| len < n).await.unwrap()
 }
 
@@ -130,9 +131,9 @@ async fn check_model(name: &str) {
     let addrs = cluster.addrs();
     let runs = [(1, Codec::F32), (2, Codec::F32), (3, Codec::F32), (3, Codec::Bf16), (3, Codec::Q8)];
     for (n, codec) in runs {
-        let mut p = load(&addrs[..n], name, codec).await;
+        let p = load(&addrs[..n], name, codec).await;
         for (k, (prompt, want)) in prompts.iter().zip(&want).enumerate() {
-            let got = through(&mut p, prompt, N_TOKENS).await;
+            let got = through(&p, prompt, N_TOKENS).await;
             let got_tokens: Vec<u32> = got.iter().map(|s| s.token).collect();
             let want_tokens: Vec<u32> = want.iter().map(|w| w.0).collect();
             let first_diff = got_tokens.iter().zip(&want_tokens).position(|(a, b)| a != b);
@@ -268,7 +269,7 @@ async fn one_frame(
 async fn bad_frames_get_invalid_argument_and_the_worker_keeps_serving() {
     let cluster = start(2);
     let addrs = cluster.addrs();
-    let mut p = load(&addrs, SMOLLM2, Codec::F32).await;
+    let p = load(&addrs, SMOLLM2, Codec::F32).await;
     let dim = 576u32; // SmolLM2-135M n_embd
     let f32_ = v1::ActivationDtype::F32 as i32;
     // Stage 1 takes hidden states; a sequence must be started before use.
@@ -319,7 +320,7 @@ async fn bad_frames_get_invalid_argument_and_the_worker_keeps_serving() {
     }
     let stats = c.stats(v1::StatsRequest {}).await.unwrap().into_inner();
     assert!(stats.frames_rejected >= 8, "{stats:?}");
-    let got = through(&mut p, &[1, 504, 3575, 282, 4649, 314], 8).await;
+    let got = through(&p, &[1, 504, 3575, 282, 4649, 314], 8).await;
     assert_eq!(got.len(), 8);
 }
 
@@ -327,7 +328,7 @@ async fn bad_frames_get_invalid_argument_and_the_worker_keeps_serving() {
 /// fails with a clear error within 5 s.
 async fn killed_worker_fails_the_request(victim: usize) {
     let cluster = start(3);
-    let mut p = load(&cluster.addrs(), SMOLLM2, Codec::F32).await;
+    let p = load(&cluster.addrs(), SMOLLM2, Codec::F32).await;
     let pid = cluster.pids()[victim];
     let mut killed_at = None;
     let r = p

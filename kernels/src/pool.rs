@@ -6,7 +6,7 @@
 //! generation counter for a short while after each job and only then sleep on a condvar.
 //! The calling thread takes part as thread 0, so `ThreadPool::new(1)` runs everything inline.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,6 +25,8 @@ struct Shared {
     /// The current job, valid while `remaining > 0` for the current generation.
     job: Mutex<Option<JobPtr>>,
     sleeping: AtomicUsize,
+    /// Set by [`ThreadPool::park`]: idle workers sleep at once instead of spinning.
+    parked: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
     shutdown: AtomicUsize,
@@ -60,6 +62,7 @@ impl ThreadPool {
             remaining: AtomicUsize::new(0),
             job: Mutex::new(None),
             sleeping: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             shutdown: AtomicUsize::new(0),
@@ -81,6 +84,14 @@ impl ThreadPool {
         self.shared.n_threads
     }
 
+    /// Tells the idle workers to sleep now rather than spin for the next job. A process that
+    /// shares its cores with others (pipeline stages on one host) calls this when it has
+    /// finished a step, so its spinning threads do not steal the next stage's cores; the next
+    /// [`ThreadPool::run`] wakes them.
+    pub fn park(&self) {
+        self.shared.parked.store(true, Ordering::Release);
+    }
+
     /// Runs `f(ith, nth)` on every thread of the pool (the caller is `ith == 0`) and returns
     /// when all calls have returned. A panic in a worker aborts the process, since the job
     /// borrows the caller's stack.
@@ -98,6 +109,7 @@ impl ThreadPool {
             std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(job)
         };
         *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(job));
+        self.shared.parked.store(false, Ordering::Release);
         self.shared.remaining.store(nth - 1, Ordering::Release);
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
         if self.shared.sleeping.load(Ordering::Acquire) > 0 {
@@ -134,7 +146,9 @@ fn worker_loop(shared: &Shared, ith: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(256) && start.elapsed() > SPIN_FOR {
+            if spins.is_multiple_of(256)
+                && (start.elapsed() > SPIN_FOR || shared.parked.load(Ordering::Acquire))
+            {
                 let guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
                 shared.sleeping.fetch_add(1, Ordering::AcqRel);
                 let g = shared.generation.load(Ordering::Acquire);

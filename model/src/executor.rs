@@ -139,6 +139,12 @@ impl ShardExecutor {
         self.pool.n_threads()
     }
 
+    /// Lets the compute threads sleep until the next step instead of spinning (see
+    /// [`ThreadPool::park`]); for stages that share a host's cores.
+    pub fn park_threads(&self) {
+        self.pool.park();
+    }
+
     /// Starts an empty sequence. Starting a known sequence resets it.
     pub fn add_sequence(&mut self, seq: u64) {
         let n = self.weights.layers.len();

@@ -88,6 +88,8 @@ pub fn spawn(
                 Job::Step(step, reply) => {
                     let r = st.step(step);
                     let _ = reply.send(r);
+                    // Other stages on this host need the cores until the next step comes.
+                    st.exec.park_threads();
                 }
                 Job::Release(seqs, reply) => {
                     let n = seqs.iter().filter(|&&s| {

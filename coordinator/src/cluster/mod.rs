@@ -9,6 +9,7 @@
 pub mod local;
 pub mod pipeline;
 pub mod planner;
+pub mod scheduler;
 
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -1,24 +1,17 @@
-//! A pipeline of workers as the coordinator sees it, and the generation loop over it.
+//! A pipeline of workers as the coordinator sees it: connect (Hello, Inventory), plan and
+//! load the shards. The generation loop over it is the [`super::scheduler`].
 //!
-//! The coordinator sends token ids, chunk shapes and (once per sequence) sampling parameters
-//! into stage 0 over one `Forward` stream per request; activations go stage to stage; the
-//! last stage samples and the token ids come back up the chain on the same stream. One
-//! result arrives per frame, in order, so the loop waits for each step's answer. A dead
-//! stage shows up as an error on that stream (the stage before it notices the broken link
-//! or the HTTP/2 keepalive times out, 3 s), and every wait is also bounded by
-//! [`STEP_TIMEOUT`], so the coordinator never hangs.
+//! A dead stage shows up as an error on the scheduler's stream (the stage before it notices
+//! the broken link or the HTTP/2 keepalive times out, 3 s), and every wait is also bounded
+//! by [`STEP_TIMEOUT`], so the coordinator never hangs.
 
 use std::path::Path;
 use std::time::Duration;
 
 use shoal_kernels::codec::Codec;
 use shoal_model::arch::Config;
-use shoal_model::engine::{GenerateRequest, Generation, PREFILL_CHUNK, TokenStream};
 use shoal_model::gguf::GgufFile;
-use shoal_model::tokenizer::Tokenizer;
 use shoal_proto::v1::{self, worker_client::WorkerClient};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::planner::{self, ModelSizes, StagePlan, WorkerCaps};
@@ -92,6 +85,13 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+impl Worker {
+    /// A client on the worker's channel (clones share the connection).
+    pub fn client(&self) -> WorkerClient<Channel> {
+        self.client.clone()
+    }
+}
+
 /// Sizes of each block, the embedding and the head, from the tensor table.
 pub fn model_sizes(file: &GgufFile, n_layer: usize) -> ModelSizes {
     let mut m = ModelSizes { layers: vec![0; n_layer], embed: 0, head: 0 };
@@ -117,8 +117,6 @@ pub fn model_sizes(file: &GgufFile, n_layer: usize) -> ModelSizes {
 pub struct Pipeline {
     pub stages: Vec<(Worker, StagePlan)>,
     pub n_ctx: usize,
-    next_seq: u64,
-    next_step: u64,
 }
 
 /// One sampled token as it came back.
@@ -173,135 +171,28 @@ impl Pipeline {
                 .await
                 .map_err(|s| Error::Load { addr: w.addr.clone(), msg: s.message().to_string() })?;
         }
-        Ok(Pipeline { stages, n_ctx, next_seq: 1, next_step: 0 })
+        Ok(Pipeline { stages, n_ctx })
     }
 
-    /// Runs a prompt and `max` decode steps, returning each sampled token (the first from
-    /// the prompt's last position). `keep_going` sees each token and may stop early.
-    pub async fn sample_loop(
-        &mut self,
-        req: &GenerateRequest,
-        logprobs: bool,
-        mut keep_going: impl FnMut(&Sampled, usize) -> bool,
-    ) -> Result<Vec<Sampled>> {
-        req.params.validate().map_err(|m| Error::Model(shoal_model::Error::InvalidRequest(m)))?;
-        let prompt = &req.prompt_tokens;
-        if prompt.is_empty() {
-            return Err(shoal_model::Error::InvalidRequest("empty prompt".into()).into());
+    /// Drops sequences' KV on every stage, in a background task; best effort, bounded in
+    /// time (a stage that is gone has dropped them anyway).
+    pub fn release_in_background(&self, seqs: Vec<u64>) {
+        if seqs.is_empty() {
+            return;
         }
-        if prompt.len() >= self.n_ctx {
-            return Err(shoal_model::Error::InvalidRequest(format!(
-                "prompt of {} tokens does not fit the context of {}",
-                prompt.len(),
-                self.n_ctx
-            ))
-            .into());
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let (tx, rx) = mpsc::channel::<v1::ForwardFrame>(4);
-        let mut client = self.stages[0].0.client.clone();
-        let first = self.stages[0].0.addr.clone();
-        let r = async {
-            let mut results =
-                client.forward(ReceiverStream::new(rx)).await.map_err(|s| stage_err(&first, s))?.into_inner();
-            let mut out = Vec::new();
-            let n_chunks = prompt.len().div_ceil(PREFILL_CHUNK);
-            let mut last = None;
-            for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-                let starts = if i == 0 {
-                    vec![v1::SeqStart {
-                        seq,
-                        sampling: Some(shoal_worker::service::params_to_wire(&req.params, logprobs)),
-                        history: prompt.clone(),
-                    }]
-                } else {
-                    Vec::new()
-                };
-                last = self.step(&tx, &mut results, seq, chunk.to_vec(), i + 1 == n_chunks, starts).await?;
+        let clients: Vec<_> = self.stages.iter().map(|(w, _)| w.client()).collect();
+        tokio::spawn(async move {
+            for mut c in clients {
+                let req = v1::ReleaseRequest { seqs: seqs.clone() };
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.release(req)).await;
             }
-            let mut s = last.ok_or_else(|| Error::Stage("the last stage sampled no token".into()))?;
-            loop {
-                out.push(s);
-                if !keep_going(&s, out.len()) || prompt.len() + out.len() >= self.n_ctx {
-                    break;
-                }
-                s = self
-                    .step(&tx, &mut results, seq, vec![s.token], true, Vec::new())
-                    .await?
-                    .ok_or_else(|| Error::Stage("the last stage sampled no token".into()))?;
-            }
-            Ok(out)
-        }
-        .await;
-        drop(tx);
-        self.release(seq).await;
-        r
-    }
-
-    async fn step(
-        &mut self,
-        tx: &mpsc::Sender<v1::ForwardFrame>,
-        results: &mut tonic::Streaming<v1::ForwardResult>,
-        seq: u64,
-        tokens: Vec<u32>,
-        sample: bool,
-        starts: Vec<v1::SeqStart>,
-    ) -> Result<Option<Sampled>> {
-        let step = self.next_step;
-        self.next_step += 1;
-        let first = self.stages[0].0.addr.clone();
-        let stage_err = |s: tonic::Status| stage_err(&first, s);
-        let frame = v1::ForwardFrame {
-            step,
-            chunks: vec![v1::Chunk { seq, n_tokens: tokens.len() as u32, sample }],
-            starts,
-            input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids: tokens })),
-        };
-        if tx.send(frame).await.is_err() {
-            // The stream is gone; its error (if any) is the better message.
-            return match tokio::time::timeout(Duration::from_secs(5), results.message()).await {
-                Ok(Err(s)) => Err(stage_err(s)),
-                _ => Err(Error::Stage("the stream to the first stage closed".into())),
-            };
-        }
-        let r = tokio::time::timeout(STEP_TIMEOUT, results.message())
-            .await
-            .map_err(|_| Error::Timeout(STEP_TIMEOUT))?
-            .map_err(stage_err)?
-            .ok_or_else(|| Error::Stage("the first stage closed the stream".into()))?;
-        if r.step != step {
-            return Err(Error::Stage(format!("answer for step {} while waiting for {step}", r.step)));
-        }
-        Ok(r.tokens.iter().find(|t| t.seq == seq).map(|t| Sampled { token: t.token, logprob: t.logprob }))
-    }
-
-    /// Drops a sequence's KV on every stage; best effort, bounded in time.
-    async fn release(&mut self, seq: u64) {
-        for (w, _) in &mut self.stages {
-            let _ = tokio::time::timeout(Duration::from_secs(2), w.client.release(v1::ReleaseRequest { seqs: vec![seq] })).await;
-        }
-    }
-
-    /// Generates a completion like [`shoal_model::engine::Engine::generate`], token for
-    /// token: the same stop rules, the same streamed text.
-    pub async fn generate(
-        &mut self,
-        tok: &Tokenizer,
-        req: &GenerateRequest,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<Generation> {
-        let mut stream = TokenStream::new(tok, req);
-        if req.max_tokens > 0 {
-            self.sample_loop(req, false, |s, _| stream.push(s.token, &mut on_text)).await?;
-        }
-        Ok(stream.finish(&mut on_text))
+        });
     }
 }
 
 /// A failure on the stream to the first stage. Stages name the next stage when a link
 /// breaks; a broken link to the first stage itself is named here.
-fn stage_err(first: &str, s: tonic::Status) -> Error {
+pub(crate) fn stage_err(first: &str, s: tonic::Status) -> Error {
     use tonic::Code as C;
     match s.code() {
         C::Unknown | C::Internal | C::Cancelled | C::Unavailable if !s.message().starts_with("next stage") => {

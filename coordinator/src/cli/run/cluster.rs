@@ -9,6 +9,7 @@
 use anyhow::{Context, Result};
 use shoal_coordinator::cluster::local::LocalCluster;
 use shoal_coordinator::cluster::pipeline::{self, LoadOptions, Pipeline};
+use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
 use shoal_model::chat::ChatTemplate;
 use shoal_model::gguf::GgufFile;
 use shoal_model::tokenizer::Tokenizer;
@@ -55,10 +56,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         for addr in &addrs {
             workers.push(pipeline::connect(addr).await?);
         }
-        let mut p = Pipeline::load(workers, &file, &opts).await?;
+        let p = Pipeline::load(workers, &file, &opts).await?;
+        let sched = Scheduler::start(p, SchedulerConfig::default());
         let mut sink = super::StdoutSink::new();
         let t0 = std::time::Instant::now();
-        let g = p.generate(&tokenizer, &req, |piece| sink.write(piece)).await?;
+        let g = sched.generate(&tokenizer, &req, |piece| sink.write(piece)).await?;
         sink.finish()?;
         Ok::<_, anyhow::Error>((g, t0.elapsed().as_secs_f64()))
     });

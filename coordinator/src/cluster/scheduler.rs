@@ -1,0 +1,467 @@
+//! The step scheduler: continuous batching over a pipeline, with micro-batches in flight.
+//!
+//! One task owns the [`Pipeline`] and a single `Forward` stream into its first stage.
+//! Requests arrive as [`Submission`]s; each becomes a sequence with an id of its own. Active
+//! sequences are spread over `in_flight` micro-batch *groups* (by default one per stage).
+//! Each group has at most one frame in the pipeline at a time: the frame batches every
+//! member's next input (a prompt chunk while prefilling, else the token sampled last), and
+//! when its sampled tokens come back the group's next frame is sent at once. With S stages
+//! and S groups, stage 0 computes group B while stage 1 computes group A, and so on, so the
+//! stages overlap instead of waiting for each other; one sequence alone gets one group and
+//! the plain latency of the chain.
+//!
+//! Stages handle frames of one stream in order, so results come back in the order frames
+//! were sent; the scheduler checks that. A new sequence joins the group with the fewest
+//! members and starts with the group's next frame (its `SeqStart` carries the sampling
+//! parameters). Prefill is chunked: a frame carries at most [`SchedulerConfig::prefill_tokens`]
+//! prompt tokens, next to the decode tokens of the other members, so a long prompt does not
+//! stall the others for long.
+//!
+//! A sequence ends when it has sampled `max_tokens`, fills the context, or its receiver is
+//! dropped (the caller stopped it: stop string, client gone). Its KV is then released on
+//! every stage, which is safe because none of its frames is in flight at that point (a
+//! dropped receiver is noticed only while its group is idle). A failure of the stream
+//! fails every active sequence with the stage's error (recovery is a later step) and the
+//! next request opens a fresh stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use shoal_model::engine::{GenerateRequest, Generation, PREFILL_CHUNK, TokenStream};
+use shoal_model::sampling::SamplingParams;
+use shoal_model::tokenizer::Tokenizer;
+use shoal_proto::v1;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::pipeline::{Pipeline, STEP_TIMEOUT, Sampled, stage_err};
+use super::{Error, Result};
+
+/// How the scheduler batches.
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerConfig {
+    /// Micro-batches in flight at once; 0: one per stage.
+    pub in_flight: usize,
+    /// Most prompt tokens in one frame, over all prefilling members of a group.
+    pub prefill_tokens: usize,
+    /// Most sequences active at once; later submissions wait for a free place.
+    pub max_seqs: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { in_flight: 0, prefill_tokens: PREFILL_CHUNK, max_seqs: 256 }
+    }
+}
+
+/// One request for the scheduler.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Return each sampled token's log-probability.
+    pub logprobs: bool,
+    /// Most tokens to sample (the context length also ends a sequence).
+    pub max_tokens: usize,
+    /// Teacher forcing: feed these tokens back instead of the sampled ones (token `i` is
+    /// the input after the `i`-th sample). Tests use it to compare every position.
+    pub forced: Option<Vec<u32>>,
+}
+
+/// What a sequence's receiver gets: one `Ok` per sampled token, in order, then the channel
+/// closes; or an `Err` and then the channel closes.
+pub type TokenRx = mpsc::UnboundedReceiver<Result<Sampled>>;
+
+/// Counters of the scheduler's own view.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SchedulerStats {
+    pub steps: u64,
+    pub tokens_sampled: u64,
+    pub active: usize,
+    /// Sum over answered frames of the time from send to answer.
+    pub step_ns: u64,
+}
+
+enum Msg {
+    Submit(Submission, oneshot::Sender<Result<TokenRx>>),
+    Stats(oneshot::Sender<SchedulerStats>),
+}
+
+/// A handle on a running scheduler; cheap to clone. The scheduler stops when every handle
+/// is dropped and no sequence is active.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Msg>,
+    n_ctx: usize,
+    stages: usize,
+}
+
+impl Scheduler {
+    /// Starts the scheduler task for `pipeline` on the current tokio runtime.
+    pub fn start(pipeline: Pipeline, cfg: SchedulerConfig) -> Scheduler {
+        let (tx, rx) = mpsc::channel(1024);
+        let n_ctx = pipeline.n_ctx;
+        let stages = pipeline.stages.len();
+        let in_flight = if cfg.in_flight == 0 { stages.max(1) } else { cfg.in_flight };
+        let core = Core {
+            pipeline,
+            cfg: SchedulerConfig { in_flight, ..cfg },
+            groups: vec![Group::default(); in_flight],
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            next_seq: 1,
+            next_step: 0,
+            stream: None,
+            stats: SchedulerStats::default(),
+        };
+        tokio::spawn(core.run(rx));
+        Scheduler { tx, n_ctx, stages }
+    }
+
+    /// Context length of every sequence.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn stages(&self) -> usize {
+        self.stages
+    }
+
+    /// Queues a sequence; its tokens arrive on the returned receiver.
+    pub async fn submit(&self, s: Submission) -> Result<TokenRx> {
+        s.params.validate().map_err(|m| Error::Model(shoal_model::Error::InvalidRequest(m)))?;
+        if s.prompt.is_empty() {
+            return Err(shoal_model::Error::InvalidRequest("empty prompt".into()).into());
+        }
+        if s.prompt.len() >= self.n_ctx {
+            return Err(shoal_model::Error::InvalidRequest(format!(
+                "prompt of {} tokens does not fit the context of {}",
+                s.prompt.len(),
+                self.n_ctx
+            ))
+            .into());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Submit(s, tx)).await.map_err(|_| Error::Stage("the scheduler has stopped".into()))?;
+        rx.await.map_err(|_| Error::Stage("the scheduler has stopped".into()))?
+    }
+
+    pub async fn stats(&self) -> Result<SchedulerStats> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Stats(tx)).await.map_err(|_| Error::Stage("the scheduler has stopped".into()))?;
+        rx.await.map_err(|_| Error::Stage("the scheduler has stopped".into()))
+    }
+
+    /// Runs a prompt and up to `max` samples, returning each sampled token (the first from
+    /// the prompt's last position). `keep_going` sees each token and may stop early.
+    pub async fn sample_loop(
+        &self,
+        req: &GenerateRequest,
+        logprobs: bool,
+        mut keep_going: impl FnMut(&Sampled, usize) -> bool,
+    ) -> Result<Vec<Sampled>> {
+        let sub = Submission {
+            prompt: req.prompt_tokens.clone(),
+            params: req.params.clone(),
+            logprobs,
+            max_tokens: req.max_tokens.max(1),
+            forced: None,
+        };
+        let mut rx = self.submit(sub).await?;
+        let mut out = Vec::new();
+        while let Some(s) = rx.recv().await {
+            let s = s?;
+            out.push(s);
+            if !keep_going(&s, out.len()) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Generates a completion like [`shoal_model::engine::Engine::generate`], token for
+    /// token: the same stop rules, the same streamed text.
+    pub async fn generate(&self, tok: &Tokenizer, req: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<Generation> {
+        let mut stream = TokenStream::new(tok, req);
+        if req.max_tokens > 0 {
+            self.sample_loop(req, false, |s, _| stream.push(s.token, &mut on_text)).await?;
+        }
+        Ok(stream.finish(&mut on_text))
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Group {
+    members: Vec<u64>,
+    busy: bool,
+}
+
+struct Seq {
+    prompt: Vec<u32>,
+    /// Prompt tokens sent so far.
+    sent: usize,
+    /// The input of the next decode step (the last sample, or the forced token).
+    next: Option<u32>,
+    sampled: usize,
+    max_tokens: usize,
+    params: SamplingParams,
+    logprobs: bool,
+    forced: Option<Vec<u32>>,
+    started: bool,
+    group: usize,
+    out: mpsc::UnboundedSender<Result<Sampled>>,
+}
+
+/// A frame sent and not answered yet.
+struct InFlight {
+    step: u64,
+    group: usize,
+    /// (seq, whether it samples) per chunk.
+    chunks: Vec<(u64, bool)>,
+    sent_at: tokio::time::Instant,
+}
+
+struct Stream {
+    first: String,
+    tx: mpsc::Sender<v1::ForwardFrame>,
+    results: tonic::Streaming<v1::ForwardResult>,
+    pending: VecDeque<InFlight>,
+}
+
+struct Core {
+    pipeline: Pipeline,
+    cfg: SchedulerConfig,
+    groups: Vec<Group>,
+    seqs: HashMap<u64, Seq>,
+    waiting: VecDeque<(Submission, mpsc::UnboundedSender<Result<Sampled>>)>,
+    next_seq: u64,
+    next_step: u64,
+    stream: Option<Stream>,
+    stats: SchedulerStats,
+}
+
+impl Core {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut open = true;
+        loop {
+            if let Err(e) = self.fill().await {
+                self.fail_all(e).await;
+            }
+            if !open && self.seqs.is_empty() && self.waiting.is_empty() {
+                break;
+            }
+            let pending = self.stream.as_ref().is_some_and(|s| !s.pending.is_empty());
+            tokio::select! {
+                m = rx.recv(), if open => match m {
+                    Some(Msg::Submit(s, reply)) => {
+                        let (tx, trx) = mpsc::unbounded_channel();
+                        self.waiting.push_back((s, tx));
+                        let _ = reply.send(Ok(trx));
+                    }
+                    Some(Msg::Stats(reply)) => {
+                        let _ = reply.send(SchedulerStats { active: self.seqs.len(), ..self.stats });
+                    }
+                    None => open = false,
+                },
+                r = next_result(self.stream.as_mut()), if pending => {
+                    if let Err(e) = self.answered(r).await {
+                        self.fail_all(e).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Admits waiting sequences and sends a frame for every idle group that has work.
+    async fn fill(&mut self) -> Result<()> {
+        while self.seqs.len() < self.cfg.max_seqs {
+            let Some((s, out)) = self.waiting.pop_front() else { break };
+            if out.is_closed() {
+                continue;
+            }
+            let id = self.next_seq;
+            self.next_seq += 1;
+            let group = (0..self.groups.len()).min_by_key(|&g| (self.groups[g].members.len(), self.groups[g].busy)).unwrap_or(0);
+            self.groups[group].members.push(id);
+            self.seqs.insert(
+                id,
+                Seq {
+                    prompt: s.prompt,
+                    sent: 0,
+                    next: None,
+                    sampled: 0,
+                    max_tokens: s.max_tokens,
+                    params: s.params,
+                    logprobs: s.logprobs,
+                    forced: s.forced,
+                    started: false,
+                    group,
+                    out,
+                },
+            );
+        }
+        // Sequences whose caller went away end here, while none of their frames is in flight.
+        let mut gone = Vec::new();
+        for g in self.groups.iter().filter(|g| !g.busy) {
+            gone.extend(g.members.iter().copied().filter(|id| self.seqs.get(id).is_none_or(|s| s.out.is_closed())));
+        }
+        if !gone.is_empty() {
+            self.finish(&gone).await;
+        }
+        for g in 0..self.groups.len() {
+            if !self.groups[g].busy {
+                self.send_group(g).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_group(&mut self, g: usize) -> Result<()> {
+        let mut chunks = Vec::new();
+        let mut starts = Vec::new();
+        let mut ids = Vec::new();
+        let mut flags = Vec::new();
+        let mut budget = self.cfg.prefill_tokens.max(1);
+        for &id in &self.groups[g].members {
+            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            let tokens: Vec<u32> = if s.sent < s.prompt.len() {
+                if budget == 0 {
+                    continue;
+                }
+                let n = (s.prompt.len() - s.sent).min(budget);
+                budget -= n;
+                s.prompt[s.sent..s.sent + n].to_vec()
+            } else if let Some(t) = s.next {
+                vec![t]
+            } else {
+                continue;
+            };
+            let sample = s.sent + tokens.len() >= s.prompt.len();
+            if !s.started {
+                s.started = true;
+                starts.push(v1::SeqStart {
+                    seq: id,
+                    sampling: Some(shoal_worker::service::params_to_wire(&s.params, s.logprobs)),
+                    history: s.prompt.clone(),
+                });
+            }
+            if s.sent < s.prompt.len() {
+                s.sent += tokens.len();
+            } else {
+                s.next = None;
+            }
+            chunks.push(v1::Chunk { seq: id, n_tokens: tokens.len() as u32, sample });
+            flags.push((id, sample));
+            ids.extend(tokens);
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        if self.stream.is_none() {
+            self.stream = Some(self.open().await?);
+        }
+        let step = self.next_step;
+        self.next_step += 1;
+        let frame = v1::ForwardFrame { step, chunks, starts, input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids })) };
+        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        if st.tx.send(frame).await.is_err() {
+            // The stream is gone; its error (if any) is the better message.
+            return match tokio::time::timeout(Duration::from_secs(5), st.results.message()).await {
+                Ok(Err(s)) => Err(stage_err(&st.first, s)),
+                _ => Err(Error::Stage("the stream to the first stage closed".into())),
+            };
+        }
+        st.pending.push_back(InFlight { step, group: g, chunks: flags, sent_at: tokio::time::Instant::now() });
+        self.groups[g].busy = true;
+        Ok(())
+    }
+
+    async fn open(&mut self) -> Result<Stream> {
+        let (tx, rx) = mpsc::channel::<v1::ForwardFrame>(self.groups.len() + 4);
+        let (first, mut client) = {
+            let w = &self.pipeline.stages[0].0;
+            (w.addr.clone(), w.client())
+        };
+        let results = client.forward(ReceiverStream::new(rx)).await.map_err(|s| stage_err(&first, s))?.into_inner();
+        Ok(Stream { first, tx, results, pending: VecDeque::new() })
+    }
+
+    async fn answered(&mut self, r: Result<v1::ForwardResult>) -> Result<()> {
+        let r = r?;
+        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        let Some(f) = st.pending.pop_front() else {
+            return Err(Error::Stage(format!("an answer for step {} that was not asked", r.step)));
+        };
+        if r.step != f.step {
+            return Err(Error::Stage(format!("answer for step {} while waiting for {}", r.step, f.step)));
+        }
+        self.stats.steps += 1;
+        self.stats.step_ns += f.sent_at.elapsed().as_nanos() as u64;
+        self.groups[f.group].busy = false;
+        let mut done = Vec::new();
+        let mut tokens = r.tokens.iter();
+        for (id, sample) in f.chunks {
+            if !sample {
+                continue;
+            }
+            let t = tokens
+                .next()
+                .filter(|t| t.seq == id)
+                .ok_or_else(|| Error::Stage(format!("the last stage sampled no token for sequence {id}")))?;
+            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            self.stats.tokens_sampled += 1;
+            s.sampled += 1;
+            let delivered = s.out.send(Ok(Sampled { token: t.token, logprob: t.logprob })).is_ok();
+            let next = match &s.forced {
+                Some(f) => f.get(s.sampled - 1).copied(),
+                None => Some(t.token),
+            };
+            let full = s.prompt.len() + s.sampled >= self.pipeline.n_ctx;
+            if !delivered || s.sampled >= s.max_tokens || full || next.is_none() {
+                done.push(id);
+            } else {
+                s.next = next;
+            }
+        }
+        if !done.is_empty() {
+            self.finish(&done).await;
+        }
+        Ok(())
+    }
+
+    /// Ends sequences (their senders drop, closing the receivers) and releases their KV.
+    async fn finish(&mut self, ids: &[u64]) {
+        for id in ids {
+            if let Some(s) = self.seqs.remove(id) {
+                self.groups[s.group].members.retain(|m| m != id);
+            }
+        }
+        self.pipeline.release_in_background(ids.to_vec());
+    }
+
+    /// Fails every active sequence with `e` and drops the stream.
+    async fn fail_all(&mut self, e: Error) {
+        tracing::warn!("pipeline step failed: {e}");
+        let msg = e.to_string();
+        let ids: Vec<u64> = self.seqs.keys().copied().collect();
+        for s in self.seqs.values() {
+            let _ = s.out.send(Err(Error::Stage(msg.clone())));
+        }
+        self.stream = None;
+        for g in &mut self.groups {
+            g.busy = false;
+        }
+        self.finish(&ids).await;
+    }
+}
+
+/// The next answer on the stream, bounded by [`STEP_TIMEOUT`].
+async fn next_result(st: Option<&mut Stream>) -> Result<v1::ForwardResult> {
+    let Some(st) = st else { return std::future::pending().await };
+    match tokio::time::timeout(STEP_TIMEOUT, st.results.message()).await {
+        Err(_) => Err(Error::Timeout(STEP_TIMEOUT)),
+        Ok(Err(s)) => Err(stage_err(&st.first, s)),
+        Ok(Ok(None)) => Err(Error::Stage("the first stage closed the stream".into())),
+        Ok(Ok(Some(r))) => Ok(r),
+    }
+}
