@@ -33,6 +33,12 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Concurrent sequences in the decode test (through workers: the scheduler batches
+    /// them); the figure is the aggregate tokens/s over all of them.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    #[command(flatten)]
+    cluster: super::cluster::ClusterArgs,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -43,6 +49,9 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(super::default_threads);
+    if a.cluster.enabled() {
+        return run_cluster(a, threads);
+    }
     let file = Arc::new(GgufFile::open(&a.model)?);
     let config = Config::from_gguf(&file)?;
     let weights = Arc::new(Weights::load(Arc::clone(&file), ShardSpec::full(config.n_layer))?);
@@ -101,6 +110,102 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         if a.n_gen > 0 {
             println!("| {name} | {threads} | tg{} | {tgm:.2} ± {tgs:.2} |", a.n_gen);
+        }
+    }
+    Ok(())
+}
+
+/// The same tests through a pipeline of workers and the scheduler.
+///
+/// pp: one sequence whose prompt is `n_prompt` random tokens, sampling once. tg: `concurrency`
+/// sequences submitted at once, each a one-token random prompt followed by `n_gen` samples
+/// with random tokens fed back (teacher forcing, so no sequence stops early); the figure is
+/// all sampled tokens over the wall time.
+fn run_cluster(a: BenchArgs, threads: usize) -> Result<()> {
+    use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig, Submission};
+    use shoal_model::sampling::SamplingParams;
+
+    let path = a.model.canonicalize()?;
+    let file = GgufFile::open(&path)?;
+    let config = Config::from_gguf(&file)?;
+    let conc = a.concurrency.max(1);
+    let n_ctx = (a.n_prompt.max(a.n_gen) + 16).max(64);
+    let (local, addrs) = a.cluster.workers(&path)?;
+    let opts = a.cluster.load_options(&path, threads, n_ctx)?;
+    let rt = super::cluster::runtime()?;
+    let reps = a.reps.max(1);
+    let mut rng = Rng::new(1234);
+    let mut tok = move || (rng.next_u64() % config.n_vocab as u64) as u32;
+    let (pp, tg) = rt.block_on(async {
+        let p = super::cluster::load(&addrs, &file, &opts).await?;
+        let sched = Scheduler::start(p, SchedulerConfig { max_seqs: conc.max(256), ..SchedulerConfig::default() });
+        let one = |prompt: Vec<u32>, n: usize, forced: Vec<u32>| Submission {
+            prompt,
+            params: SamplingParams::greedy(),
+            logprobs: false,
+            max_tokens: n,
+            forced: Some(forced),
+        };
+        let mut pp = Vec::new();
+        if a.n_prompt > 0 {
+            for r in 0..=reps {
+                let prompt: Vec<u32> = (0..a.n_prompt).map(|_| tok()).collect();
+                let t0 = Instant::now();
+                let mut rx = sched.submit(one(prompt, 1, vec![])).await?;
+                while let Some(t) = rx.recv().await {
+                    t?;
+                }
+                if r > 0 {
+                    pp.push(a.n_prompt as f64 / t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        let mut tg = Vec::new();
+        if a.n_gen > 0 {
+            for r in 0..=reps {
+                let subs: Vec<Submission> =
+                    (0..conc).map(|_| one(vec![tok()], a.n_gen, (0..a.n_gen).map(|_| tok()).collect())).collect();
+                let t0 = Instant::now();
+                let mut rxs = Vec::new();
+                for s in subs {
+                    rxs.push(sched.submit(s).await?);
+                }
+                let mut n = 0usize;
+                for rx in &mut rxs {
+                    while let Some(t) = rx.recv().await {
+                        t?;
+                        n += 1;
+                    }
+                }
+                anyhow::ensure!(n == conc * a.n_gen, "{n} tokens sampled, expected {}", conc * a.n_gen);
+                if r > 0 {
+                    tg.push(n as f64 / t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>((pp, tg))
+    })?;
+    drop(local);
+    let stages = addrs.len();
+    let (ppm, pps) = mean_std(&pp);
+    let (tgm, tgs) = mean_std(&tg);
+    let name = a.model.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if a.json {
+        let j = serde_json::json!({
+            "model": name, "threads": threads, "n_prompt": a.n_prompt, "n_gen": a.n_gen, "reps": reps,
+            "stages": stages, "concurrency": conc, "codec": a.cluster.codec.name(),
+            "pp_tok_s": ppm, "pp_tok_s_std": pps, "tg_tok_s": tgm, "tg_tok_s_std": tgs,
+        });
+        println!("{j}");
+    } else {
+        println!("| model | stages | threads/stage | codec | test | tok/s |");
+        println!("|---|---|---|---|---|---|");
+        let codec = a.cluster.codec;
+        if a.n_prompt > 0 {
+            println!("| {name} | {stages} | {threads} | {codec} | pp{} | {ppm:.2} ± {pps:.2} |", a.n_prompt);
+        }
+        if a.n_gen > 0 {
+            println!("| {name} | {stages} | {threads} | {codec} | tg{} x{conc} | {tgm:.2} ± {tgs:.2} |", a.n_gen);
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Subcommands of `shoal`.
 
 pub mod bench;
+pub mod cluster;
 pub mod info;
 pub mod run;
 pub mod worker;

@@ -52,17 +52,8 @@ pub struct RunArgs {
     /// Print timings and peak memory to stderr when done.
     #[arg(long)]
     print_stats: bool,
-    /// Run through N local worker processes (a pipeline of N stages on 127.0.0.1) instead
-    /// of in this process.
-    #[arg(long, default_value_t = 0, conflicts_with = "worker")]
-    workers: usize,
-    /// Run through already running workers at these addresses (repeatable, in pipeline
-    /// order); each must have the model file, under the same name, in its models dir.
-    #[arg(long, value_name = "ADDR")]
-    worker: Vec<String>,
-    /// Activation codec between stages with --workers: f32 (exact), bf16 or q8.
-    #[arg(long, default_value = "f32")]
-    codec: shoal_kernels::codec::Codec,
+    #[command(flatten)]
+    pub cluster: super::cluster::ClusterArgs,
     /// The prompt.
     prompt: String,
 }
@@ -70,7 +61,7 @@ pub struct RunArgs {
 mod cluster;
 
 pub fn run(a: RunArgs) -> Result<()> {
-    if a.workers > 0 || !a.worker.is_empty() {
+    if a.cluster.enabled() {
         return cluster::run(a);
     }
     let threads = a.threads.unwrap_or_else(super::default_threads);

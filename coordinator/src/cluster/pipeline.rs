@@ -127,6 +127,15 @@ pub struct Sampled {
 }
 
 impl Pipeline {
+    /// Connects to the workers at `addrs` (pipeline order) and loads the model on them.
+    pub async fn connect_and_load(addrs: &[String], model: &GgufFile, opts: &LoadOptions) -> Result<Pipeline> {
+        let mut workers = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            workers.push(connect(addr).await?);
+        }
+        Pipeline::load(workers, model, opts).await
+    }
+
     /// Plans `workers` over `model` (the coordinator's own copy, read for its header) and
     /// loads every shard.
     pub async fn load(workers: Vec<Worker>, model: &GgufFile, opts: &LoadOptions) -> Result<Pipeline> {

@@ -7,8 +7,6 @@
 //! prints exactly what single-process `shoal run` prints.
 
 use anyhow::{Context, Result};
-use shoal_coordinator::cluster::local::LocalCluster;
-use shoal_coordinator::cluster::pipeline::{self, LoadOptions, Pipeline};
 use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
 use shoal_model::chat::ChatTemplate;
 use shoal_model::gguf::GgufFile;
@@ -26,37 +24,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let chat = ChatTemplate::from_gguf(&file, &tokenizer)?;
     let req = super::request(&a, &tokenizer, chat.as_ref())?;
-    let dir = path.parent().context("the model path has no directory")?;
-    let model_file = pipeline::file_name_in(&path).context("the model file name is not UTF-8")?;
-    let local = a.worker.is_empty();
-    let cluster = if local {
-        let exe = std::env::current_exe().context("finding the shoal binary")?;
-        Some(LocalCluster::start(&exe, a.workers, dir)?)
-    } else {
-        None
-    };
-    let addrs = cluster.as_ref().map_or_else(|| a.worker.clone(), LocalCluster::addrs);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let opts = LoadOptions {
-        model_file,
-        n_ctx: a.ctx,
-        n_threads: threads,
-        attn_threads: threads,
-        codec: a.codec,
-        kv_budget: 0,
-        // Local workers share one machine's bandwidth: split evenly.
-        even: local,
-    };
+    let (cluster, addrs) = a.cluster.workers(&path)?;
+    let rt = crate::cli::cluster::runtime()?;
+    let opts = a.cluster.load_options(&path, threads, a.ctx)?;
     let r = rt.block_on(async {
-        let mut workers = Vec::new();
-        for addr in &addrs {
-            workers.push(pipeline::connect(addr).await?);
-        }
-        let p = Pipeline::load(workers, &file, &opts).await?;
+        let p = crate::cli::cluster::load(&addrs, &file, &opts).await?;
         let sched = Scheduler::start(p, SchedulerConfig::default());
         let mut sink = super::StdoutSink::new();
         let t0 = std::time::Instant::now();

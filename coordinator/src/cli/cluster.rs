@@ -1,0 +1,70 @@
+//! The flags that send a command through a pipeline of workers, shared by `run`, `bench`
+//! and `serve`, and the start-up they have in common.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use shoal_coordinator::cluster::local::LocalCluster;
+use shoal_coordinator::cluster::pipeline::{self, LoadOptions, Pipeline};
+use shoal_kernels::codec::Codec;
+use shoal_model::gguf::GgufFile;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Run through N local worker processes (a pipeline of N stages on 127.0.0.1) instead
+    /// of in this process.
+    #[arg(long, default_value_t = 0, conflicts_with = "worker")]
+    pub workers: usize,
+    /// Run through already running workers at these addresses (repeatable, in pipeline
+    /// order); each must have the model file, under the same name, in its models dir.
+    #[arg(long, value_name = "ADDR")]
+    pub worker: Vec<String>,
+    /// Activation codec between stages: f32 (exact), bf16 or q8.
+    #[arg(long, default_value = "f32")]
+    pub codec: Codec,
+}
+
+impl ClusterArgs {
+    /// Whether the command runs through workers.
+    pub fn enabled(&self) -> bool {
+        self.workers > 0 || !self.worker.is_empty()
+    }
+
+    /// Starts the local workers (`--workers N`, each serving the model's directory) or
+    /// takes the given addresses; the local workers die with the returned handle.
+    pub fn workers(&self, model: &Path) -> Result<(Option<LocalCluster>, Vec<String>)> {
+        if !self.worker.is_empty() {
+            return Ok((None, self.worker.clone()));
+        }
+        let dir = model.parent().context("the model path has no directory")?;
+        let exe = std::env::current_exe().context("finding the shoal binary")?;
+        let c = LocalCluster::start(&exe, self.workers, dir)?;
+        let addrs = c.addrs();
+        Ok((Some(c), addrs))
+    }
+
+    /// Load options for `model` with `threads` compute threads per worker.
+    pub fn load_options(&self, model: &Path, threads: usize, n_ctx: usize) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            model_file: pipeline::file_name_in(model).context("the model file name is not UTF-8")?,
+            n_ctx,
+            n_threads: threads,
+            attn_threads: threads,
+            codec: self.codec,
+            kv_budget: 0,
+            // Local workers share one machine's bandwidth: split evenly.
+            even: self.worker.is_empty(),
+        })
+    }
+}
+
+/// A multi-threaded runtime for the async side of a cluster command (the compute happens
+/// in the workers).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
+}
+
+/// Connects and loads: the common start of a cluster command.
+pub async fn load(addrs: &[String], file: &GgufFile, opts: &LoadOptions) -> Result<Pipeline> {
+    Ok(Pipeline::connect_and_load(addrs, file, opts).await?)
+}
