@@ -25,6 +25,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Serve one shard of a model to a coordinator over gRPC.
     Worker(cli::worker::WorkerArgs),
+    /// Print the cluster a coordinator runs: workers, layers, memory, ms per step, round trips.
+    Status(cli::status::StatusArgs),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
         Command::Info(a) => cli::info::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Worker(a) => cli::worker::run(a),
+        Command::Status(a) => cli::status::run(a),
     };
     if let Err(e) = r {
         let msg = format!("{e:#}").replace('\n', " ");

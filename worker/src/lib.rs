@@ -10,6 +10,7 @@
 pub mod compute;
 pub mod error;
 pub mod inventory;
+pub mod join;
 pub mod service;
 
 pub use error::{Error, Result};

@@ -12,7 +12,7 @@
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shoal_kernels::codec::{self, Codec};
 use shoal_model::executor::SeqChunk;
@@ -48,6 +48,10 @@ struct Loaded {
     embed: bool,
     next: Option<String>,
     codec: Codec,
+    // What Stats reports about the shard.
+    layers: (u32, u32),
+    head: bool,
+    shard_bytes: u64,
 }
 
 /// The service: a handle on the state every RPC shares.
@@ -68,6 +72,8 @@ pub struct Inner {
     bandwidth: u64,
     shard: Mutex<Option<Arc<Loaded>>>,
     rejected: std::sync::atomic::AtomicU64,
+    // The channel Stats times a Health call on, and the next stage it leads to.
+    next_probe: tokio::sync::Mutex<Option<(String, WorkerClient<tonic::transport::Channel>)>>,
 }
 
 impl WorkerService {
@@ -78,6 +84,7 @@ impl WorkerService {
             bandwidth: crate::inventory::memory_bandwidth(),
             shard: Mutex::new(None),
             rejected: Default::default(),
+            next_probe: Default::default(),
         }))
     }
 }
@@ -132,11 +139,67 @@ impl Inner {
             embed: r.embed,
             next: (!r.next_stage.is_empty()).then_some(r.next_stage),
             codec,
+            layers: (r.layer_start, r.layer_end),
+            head: r.head,
+            shard_bytes: reply.shard_bytes,
             jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes)?,
         };
         *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
         Ok(reply)
     }
+
+    /// Times a Health call to the next stage at `addr` on a channel kept for this, at most
+    /// [`NEXT_STAGE_PROBE_TIMEOUT`] in all (connecting included). Nanoseconds, or why not.
+    async fn probe_next(&self, addr: &str) -> std::result::Result<u64, String> {
+        let probe = async {
+            let mut slot = self.next_probe.lock().await;
+            let client = match slot.as_mut() {
+                Some((a, c)) if a == addr => c,
+                _ => {
+                    *slot = None;
+                    let ch = connect(addr).await.map_err(|e| error_chain(&e))?;
+                    let mut c = WorkerClient::new(ch);
+                    // Untimed: the first call may still be setting the connection up.
+                    c.health(v1::HealthRequest {}).await.map_err(|s| s.message().to_string())?;
+                    &mut slot.insert((addr.to_string(), c)).1
+                }
+            };
+            let t = Instant::now();
+            let r = client.health(v1::HealthRequest {}).await;
+            let ns = t.elapsed().as_nanos().clamp(1, u64::MAX as u128) as u64;
+            match r {
+                Ok(_) => Ok(ns),
+                Err(s) => {
+                    *slot = None;
+                    Err(s.message().to_string())
+                }
+            }
+        };
+        tokio::time::timeout(NEXT_STAGE_PROBE_TIMEOUT, probe)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {NEXT_STAGE_PROBE_TIMEOUT:?}")))
+    }
+}
+
+/// Longest Stats waits for the next stage's Health.
+pub const NEXT_STAGE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// An error and its sources on one line (a transport error alone says only "transport error").
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut last = s.clone();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        // Some layers repeat their source's message ("tcp connect error: tcp connect error").
+        let m = c.to_string();
+        if m != last {
+            s += ": ";
+            s += &m;
+        }
+        last = m;
+        cur = c.source();
+    }
+    s
 }
 
 fn codec_of(d: i32) -> Result<Codec> {
@@ -420,9 +483,18 @@ impl worker_server::Worker for WorkerService {
 
     async fn stats(&self, _: Request<v1::StatsRequest>) -> std::result::Result<Response<v1::StatsReply>, Status> {
         let rejected = self.rejected.load(std::sync::atomic::Ordering::Relaxed);
-        let c = match self.loaded() {
-            Ok(sh) => run_job(&sh, Job::Stats).await?,
-            Err(_) => compute::Counters::default(),
+        let sh = self.loaded().ok();
+        let c = match &sh {
+            Some(sh) => run_job(sh, Job::Stats).await?,
+            None => compute::Counters::default(),
+        };
+        let next = sh.as_ref().and_then(|sh| sh.next.clone()).unwrap_or_default();
+        let (next_stage_rtt_ns, next_stage_error) = match next.as_str() {
+            "" => (0, String::new()),
+            addr => match self.probe_next(addr).await {
+                Ok(ns) => (ns, String::new()),
+                Err(e) => (0, e),
+            },
         };
         Ok(Response::new(v1::StatsReply {
             steps: c.steps,
@@ -431,6 +503,15 @@ impl worker_server::Worker for WorkerService {
             sequences: c.sequences,
             kv_bytes: c.kv_bytes,
             frames_rejected: rejected,
+            next_stage_rtt_ns,
+            next_stage: next,
+            next_stage_error,
+            loaded: sh.is_some(),
+            layer_start: sh.as_ref().map_or(0, |s| s.layers.0),
+            layer_end: sh.as_ref().map_or(0, |s| s.layers.1),
+            embed: sh.as_ref().is_some_and(|s| s.embed),
+            head: sh.as_ref().is_some_and(|s| s.head),
+            shard_bytes: sh.as_ref().map_or(0, |s| s.shard_bytes),
         }))
     }
 }

@@ -1,4 +1,5 @@
-//! `shoal worker`: serve one shard of a model over gRPC.
+//! `shoal worker`: serve one shard of a model over gRPC, optionally joining a coordinator
+//! (`--join`), which then dials the worker back at its advertise address.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,6 +19,15 @@ pub struct WorkerArgs {
     /// Name reported in Hello and Inventory (default: the listen address).
     #[arg(long)]
     name: Option<String>,
+    /// Coordinator to join (`HOST:PORT`); the worker re-joins every heartbeat and keeps
+    /// retrying while the coordinator is unreachable.
+    #[arg(long, value_name = "COORDINATOR_ADDR")]
+    join: Option<String>,
+    /// Address the coordinator and the other stages should dial to reach this worker
+    /// (default: the bound listen address; required with --join when listening on
+    /// 0.0.0.0 or [::]).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Exit when stdin reaches end-of-file (set by a parent that started this worker, so
     /// the worker cannot outlive it).
     #[arg(long, hide = true)]
@@ -44,13 +54,34 @@ pub fn run(a: WorkerArgs) -> Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
         let addr = listener.local_addr()?;
+        let advertise = match a.advertise {
+            Some(adv) => adv,
+            None if a.join.is_some() && addr.ip().is_unspecified() => anyhow::bail!(
+                "--listen {} binds every interface, so the coordinator cannot know where to dial this \
+                 worker: pass --advertise HOST:PORT (e.g. --advertise my-host.lan:{})",
+                a.listen,
+                addr.port()
+            ),
+            None => addr.to_string(),
+        };
         let name = a.name.unwrap_or_else(|| addr.to_string());
-        let svc = WorkerService::new(WorkerConfig { node_name: name, models_dir: a.models_dir });
+        let svc = WorkerService::new(WorkerConfig { node_name: name.clone(), models_dir: a.models_dir });
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {addr}")?;
         out.flush()?;
         drop(out);
-        shoal_worker::serve(listener, svc).await?;
+        let serve = shoal_worker::serve(listener, svc);
+        match a.join {
+            None => serve.await?,
+            // Serves while joining; a refusal ends the process, a serving error too.
+            Some(coordinator) => tokio::select! {
+                r = serve => r?,
+                r = shoal_worker::join::join_loop(coordinator, advertise, name) => match r {
+                    Err(e) => return Err(e.into()),
+                    Ok(never) => match never {},
+                },
+            },
+        }
         Ok(())
     })
 }

@@ -9,6 +9,7 @@
 pub mod local;
 pub mod pipeline;
 pub mod planner;
+pub mod registry;
 pub mod scheduler;
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -30,6 +31,10 @@ pub enum Error {
     Stage(String),
     #[error("no answer from the pipeline within {0:?}")]
     Timeout(std::time::Duration),
+    #[error("{have} of {want} workers joined within {waited:?}")]
+    NotEnoughWorkers { have: usize, want: usize, waited: std::time::Duration },
+    #[error("serving the coordinator's gRPC: {0}")]
+    Serve(String),
     #[error(transparent)]
     Model(#[from] shoal_model::Error),
 }
@@ -38,7 +43,8 @@ impl Error {
     /// Whether the same call could succeed later. Named per variant.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Stage(_) | Error::Timeout(_) => true,
+            Error::Connect { .. } | Error::Stage(_) | Error::Timeout(_) | Error::NotEnoughWorkers { .. } => true,
+            Error::Serve(_) => false,
             Error::Model(e) => e.is_retryable(),
             Error::Spawn(_) | Error::Refused { .. } | Error::Plan(_) | Error::Load { .. } => false,
         }
