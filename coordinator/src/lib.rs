@@ -5,4 +5,5 @@
 //! only through `shoal-proto`; it must not call `shoal-worker` code (the `shoal worker`
 //! subcommand merely hosts it in the same binary).
 
+pub mod api;
 pub mod cluster;

@@ -23,6 +23,8 @@ enum Command {
     Info(cli::info::InfoArgs),
     /// Measure prefill and decode tokens/s (the llama-bench pp/tg tests).
     Bench(cli::bench::BenchArgs),
+    /// Coordinate a cluster and serve the OpenAI-compatible API.
+    Serve(cli::serve::ServeArgs),
     /// Serve one shard of a model to a coordinator over gRPC.
     Worker(cli::worker::WorkerArgs),
     /// Print the cluster a coordinator runs: workers, layers, memory, ms per step, round trips.
@@ -43,6 +45,7 @@ fn main() {
         Command::Info(a) => cli::info::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Worker(a) => cli::worker::run(a),
+        Command::Serve(a) => cli::serve::run(a),
         Command::Status(a) => cli::status::run(a),
     };
     if let Err(e) = r {

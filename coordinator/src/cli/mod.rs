@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cluster;
 pub mod info;
 pub mod run;
+pub mod serve;
 pub mod status;
 pub mod worker;
 

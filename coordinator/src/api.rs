@@ -1,0 +1,444 @@
+//! The OpenAI-compatible HTTP API of `shoal serve` (axum): `GET /v1/models`,
+//! `POST /v1/completions` and `POST /v1/chat/completions`, each whole or streamed as
+//! server-sent events ending with `data: [DONE]`, and `GET /health`.
+//!
+//! Every request becomes one sequence of the [`Scheduler`], so concurrent requests are
+//! batched into the same pipeline steps. Text is produced by the same
+//! [`TokenStream`] as `shoal run` (stop strings, end-of-generation, `max_tokens`, UTF-8 held
+//! back until complete). A client that goes away drops its token receiver, which ends its
+//! sequence at the next step. Errors use OpenAI's JSON shape with a 4xx for bad requests and
+//! 503 when the pipeline fails.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Json, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shoal_model::chat::{ChatMessage, ChatTemplate};
+use shoal_model::engine::{FinishReason, GenerateRequest, TokenStream};
+use shoal_model::sampling::SamplingParams;
+use shoal_model::tokenizer::Tokenizer;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cluster::scheduler::{Scheduler, Submission};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub scheduler: Scheduler,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat: Option<Arc<ChatTemplate>>,
+    /// The id `/v1/models` lists and responses carry.
+    pub model: String,
+}
+
+/// The router of the API.
+pub fn router(state: ApiState) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint".into()) })
+        .with_state(Arc::new(state))
+}
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: String) -> ApiError {
+        ApiError { status, kind, message, param: None }
+    }
+
+    fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", message: message.into(), param: Some(param) }
+    }
+
+    fn from_cluster(e: crate::cluster::Error) -> ApiError {
+        match e {
+            crate::cluster::Error::Model(m @ shoal_model::Error::InvalidRequest(_)) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m.to_string())
+            }
+            e => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        tracing::info!(status = %self.status, "request refused: {}", self.message);
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+async fn models(State(st): State<Arc<ApiState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": st.model, "object": "model", "created": 0, "owned_by": "shoal"}],
+    }))
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize, Debug, Default)]
+#[serde(untagged)]
+enum Stop {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt`: text, one-element list of text, or token ids.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+/// The fields both endpoints share.
+#[derive(Deserialize, Debug)]
+struct Common {
+    #[serde(default)]
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Stop,
+    #[serde(default)]
+    stream: bool,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    n: Option<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize, Debug)]
+struct ChatRequest {
+    messages: Vec<ChatMessageIn>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize, Debug)]
+struct ChatMessageIn {
+    role: String,
+    content: Content,
+}
+
+/// Message content: text, or a list of text parts.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize, Debug)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: String,
+}
+
+impl Common {
+    /// The generation this request asks for, checked. `default_max`: OpenAI's default
+    /// (16 for completions, the rest of the context for chat).
+    fn request(&self, st: &ApiState, prompt_tokens: Vec<u32>, default_max: Option<usize>) -> Result<GenerateRequest, ApiError> {
+        if let Some(m) = &self.model
+            && !m.is_empty()
+            && m != &st.model
+        {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                message: format!("the model `{m}` does not exist; this server serves `{}`", st.model),
+                param: Some("model"),
+            });
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad("n", "only n = 1 is supported"));
+        }
+        let n_ctx = st.scheduler.n_ctx();
+        if prompt_tokens.is_empty() {
+            return Err(ApiError::bad("prompt", "the prompt is empty"));
+        }
+        if prompt_tokens.len() >= n_ctx {
+            return Err(ApiError::bad(
+                "prompt",
+                format!("the prompt has {} tokens; the context is {n_ctx}", prompt_tokens.len()),
+            ));
+        }
+        let room = n_ctx - prompt_tokens.len();
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            Some(m) if m < 0 => return Err(ApiError::bad("max_tokens", format!("max_tokens must be >= 0, got {m}"))),
+            Some(m) => (m as usize).min(room),
+            None => default_max.unwrap_or(room).min(room),
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad("temperature", format!("temperature must be in [0, 2], got {temperature}")));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if let Some(v) = v
+                && !(-2.0..=2.0).contains(&v)
+            {
+                return Err(ApiError::bad(if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" }, format!("{name} must be in [-2, 2], got {v}")));
+            }
+        }
+        let stop = match &self.stop {
+            Stop::None => Vec::new(),
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) if v.len() > 4 => return Err(ApiError::bad("stop", "at most 4 stop sequences")),
+            Stop::Many(v) => v.clone(),
+        };
+        let params = SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p,
+            min_p: 0.0,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            seed: self.seed,
+            ..SamplingParams::default()
+        };
+        params.validate().map_err(|m| ApiError::bad("temperature", m))?;
+        Ok(GenerateRequest { prompt_tokens, params, max_tokens, stop, stop_at_eog: true })
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn body<T: serde::de::DeserializeOwned>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    r.map(|Json(t)| t).map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))
+}
+
+async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
+    let r = async {
+        let req = body(req)?;
+        let text_err = |e: shoal_model::Error| ApiError::bad("prompt", e.to_string());
+        let prompt = match req.prompt {
+            Prompt::Text(t) => st.tokenizer.encode(&t, true, false).map_err(text_err)?,
+            Prompt::Texts(v) if v.len() == 1 => st.tokenizer.encode(&v[0], true, false).map_err(text_err)?,
+            Prompt::Texts(_) => return Err(ApiError::bad("prompt", "only one prompt per request is supported")),
+            Prompt::Tokens(t) => {
+                let n_vocab = st.tokenizer.n_vocab() as u32;
+                if let Some(bad) = t.iter().find(|&&t| t >= n_vocab) {
+                    return Err(ApiError::bad("prompt", format!("token id {bad} is outside the vocabulary of {n_vocab}")));
+                }
+                t
+            }
+        };
+        let g = req.common.request(&st, prompt, Some(16))?;
+        run(st.clone(), g, req.common.stream, Kind::Completion).await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(st): State<Arc<ApiState>>, req: Result<Json<ChatRequest>, JsonRejection>) -> Response {
+    let r = async {
+        let req = body(req)?;
+        let Some(chat) = &st.chat else {
+            return Err(ApiError::bad("messages", "the model file has no chat template; use /v1/completions"));
+        };
+        if req.messages.is_empty() {
+            return Err(ApiError::bad("messages", "messages is empty"));
+        }
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for m in req.messages {
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                return Err(ApiError::bad("messages", format!("unknown role {:?}", m.role)));
+            }
+            let content = match m.content {
+                Content::Text(t) => t,
+                Content::Parts(p) => {
+                    if let Some(x) = p.iter().find(|p| p.kind != "text") {
+                        return Err(ApiError::bad("messages", format!("content part of type {:?} is not supported", x.kind)));
+                    }
+                    p.into_iter().map(|p| p.text).collect::<Vec<_>>().join("")
+                }
+            };
+            let role = if m.role == "developer" { "system".to_string() } else { m.role };
+            messages.push(ChatMessage { role, content });
+        }
+        let text = chat.render(&messages, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        // The template writes BOS itself when the model wants one.
+        let prompt = st.tokenizer.encode(&text, false, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        let g = req.common.request(&st, prompt, None)?;
+        run(st.clone(), g, req.common.stream, Kind::Chat).await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+fn usage(n_prompt: usize, n_gen: usize) -> Value {
+    json!({"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen})
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    f.as_str()
+}
+
+/// Runs one generation and answers it whole or as a stream.
+async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) -> Result<Response, ApiError> {
+    let id = match kind {
+        Kind::Completion => format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        Kind::Chat => format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+    };
+    let created = now();
+    let n_prompt = g.prompt_tokens.len();
+    if g.max_tokens == 0 {
+        let out = whole(kind, &id, created, &st.model, "", FinishReason::Length, usage(n_prompt, 0));
+        return Ok(Json(out).into_response());
+    }
+    let sub = Submission {
+        prompt: g.prompt_tokens.clone(),
+        params: g.params.clone(),
+        logprobs: false,
+        max_tokens: g.max_tokens,
+        forced: None,
+    };
+    let mut rx = st.scheduler.submit(sub).await.map_err(ApiError::from_cluster)?;
+    if !stream {
+        let mut ts = TokenStream::new(&st.tokenizer, &g);
+        let mut sink = |_: &str| {};
+        while let Some(t) = rx.recv().await {
+            let t = t.map_err(ApiError::from_cluster)?;
+            if !ts.push(t.token, &mut sink) {
+                break;
+            }
+        }
+        drop(rx);
+        let gen_ = ts.finish(&mut sink);
+        let out = whole(kind, &id, created, &st.model, &gen_.text, gen_.finish, usage(n_prompt, gen_.tokens.len()));
+        return Ok(Json(out).into_response());
+    }
+    let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let model = st.model.clone();
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Option<&str>| -> Event {
+            let v = match kind {
+                Kind::Completion => json!({
+                    "id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}],
+                }),
+                Kind::Chat => json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                }),
+            };
+            Event::default().data(v.to_string())
+        };
+        let piece = |t: &str| match kind {
+            Kind::Completion => json!(t),
+            Kind::Chat => json!({"content": t}),
+        };
+        if kind == Kind::Chat && tx.send(Ok(chunk(json!({"role": "assistant", "content": ""}), None))).await.is_err() {
+            return;
+        }
+        let mut ts = TokenStream::new(&st.tokenizer, &g);
+        let mut pending: Vec<String> = Vec::new();
+        let mut failed = None;
+        while let Some(t) = rx.recv().await {
+            let t = match t {
+                Ok(t) => t,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let go = ts.push(t.token, &mut |s: &str| pending.push(s.to_string()));
+            for p in pending.drain(..) {
+                if tx.send(Ok(chunk(piece(&p), None))).await.is_err() {
+                    return; // the client is gone; dropping rx ends the sequence
+                }
+            }
+            if !go {
+                break;
+            }
+        }
+        drop(rx);
+        if let Some(e) = failed {
+            let err = json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": null}});
+            let _ = tx.send(Ok(Event::default().data(err.to_string()))).await;
+            return;
+        }
+        let gen_ = ts.finish(&mut |s: &str| pending.push(s.to_string()));
+        for p in pending.drain(..) {
+            if tx.send(Ok(chunk(piece(&p), None))).await.is_err() {
+                return;
+            }
+        }
+        // The usage of the whole request rides on the last chunk.
+        let mut v: Value = match kind {
+            Kind::Completion => json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": finish_str(gen_.finish)}]}),
+            Kind::Chat => json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_str(gen_.finish)}]}),
+        };
+        v["usage"] = usage(n_prompt, gen_.tokens.len());
+        if tx.send(Ok(Event::default().data(v.to_string()))).await.is_ok() {
+            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        }
+    });
+    Ok(Sse::new(ReceiverStream::new(events)).into_response())
+}
+
+fn whole(kind: Kind, id: &str, created: u64, model: &str, text: &str, finish: FinishReason, usage: Value) -> Value {
+    match kind {
+        Kind::Completion => json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_str(finish)}],
+            "usage": usage,
+        }),
+        Kind::Chat => json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null,
+                         "finish_reason": finish_str(finish)}],
+            "usage": usage,
+        }),
+    }
+}

@@ -1,0 +1,127 @@
+//! `shoal serve`: the coordinator. It runs the embedded registry (gRPC `shoal.v1.Coordinator`
+//! on `--listen`: workers `--join` it, `shoal status` asks it), gathers its workers (local
+//! processes with `--workers N`, running ones with `--worker ADDR`, or the first
+//! `--min-workers` that join), plans and loads the model over them, and serves the
+//! OpenAI-compatible API on `--http` through the step scheduler.
+//!
+//! Prints `registry on ADDR` once the registry listens and `serving on http://ADDR` once the
+//! model is loaded, both on stdout. Ctrl-C (or SIGTERM) stops it; local workers die with it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use shoal_coordinator::api::{self, ApiState};
+use shoal_coordinator::cluster::pipeline::Pipeline;
+use shoal_coordinator::cluster::registry::{self, Registry, StageInfo};
+use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
+use shoal_model::chat::ChatTemplate;
+use shoal_model::gguf::GgufFile;
+use shoal_model::tokenizer::Tokenizer;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Path of the GGUF model file (the coordinator reads its header and tokenizer; each
+    /// worker maps its own copy, under the same file name, from its models dir).
+    #[arg(long, short, env = "SHOAL_MODEL")]
+    model: PathBuf,
+    /// Address of the registry (gRPC) that workers join and `shoal status` asks.
+    #[arg(long, default_value = "0.0.0.0:7000")]
+    listen: String,
+    /// Address of the OpenAI-compatible HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// Without --workers/--worker: how many joined workers to wait for before loading.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// Longest wait for --min-workers to join, in seconds.
+    #[arg(long, default_value_t = 600)]
+    wait_secs: u64,
+    /// Compute threads per worker (default: each worker's cores).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Context length per sequence (default: the model's, at most 4096).
+    #[arg(long, default_value_t = 0)]
+    ctx: usize,
+    /// Most sequences generating at once; more requests wait their turn.
+    #[arg(long, default_value_t = 64)]
+    max_seqs: usize,
+    /// The model id of the API (default: the file name without `.gguf`).
+    #[arg(long)]
+    model_id: Option<String>,
+    #[command(flatten)]
+    cluster: super::cluster::ClusterArgs,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let path = a.model.canonicalize().with_context(|| a.model.display().to_string())?;
+    if path.is_dir() {
+        anyhow::bail!("{}: is a directory", path.display());
+    }
+    let file = GgufFile::open(&path)?;
+    let tokenizer = Arc::new(Tokenizer::from_gguf(&file)?);
+    let chat = ChatTemplate::from_gguf(&file, &tokenizer)?.map(Arc::new);
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let model_id = a.model_id.clone().unwrap_or_else(|| file_name.trim_end_matches(".gguf").to_string());
+    let (local, given) = if a.cluster.enabled() { a.cluster.workers(&path).map(|(l, g)| (l, Some(g)))? } else { (None, None) };
+    let opts = a.cluster.load_options(&path, a.threads.unwrap_or(0), a.ctx)?;
+    let rt = super::cluster::runtime()?;
+    let r = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+        let reg_addr = listener.local_addr()?;
+        let reg = Registry::new(reg_addr.to_string());
+        let reg2 = reg.clone();
+        tokio::spawn(async move {
+            if let Err(e) = registry::serve_registry(listener, reg2).await {
+                tracing::error!("registry: {e}");
+            }
+        });
+        super::print_stdout(&format!("registry on {reg_addr}\n"))?;
+        let header = &file.bytes()[..(file.header().data_offset as usize).min(file.bytes().len())];
+        reg.set_model(&file_name, &shoal_proto::model_identity(header, file.file_size()));
+        let pipeline = match &given {
+            Some(addrs) => {
+                reg.set_state("loading");
+                Pipeline::connect_and_load(addrs, &file, &opts).await?
+            }
+            None => {
+                reg.set_state(&format!("waiting for {} worker(s) to join", a.min_workers));
+                eprintln!("shoal: waiting for {} worker(s) to join {reg_addr}", a.min_workers);
+                let workers = reg.wait_for(a.min_workers.max(1), Duration::from_secs(a.wait_secs)).await?;
+                reg.set_state("loading");
+                Pipeline::load(workers, &file, &opts).await?
+            }
+        };
+        reg.set_plan(StageInfo::of(&pipeline));
+        for (w, p) in &pipeline.stages {
+            eprintln!("shoal: stage {} layers {:?}{}{}", w.addr, p.layers, if p.embed { " +embed" } else { "" }, if p.head { " +head" } else { "" });
+        }
+        let scheduler = Scheduler::start(pipeline, SchedulerConfig { max_seqs: a.max_seqs.max(1), ..SchedulerConfig::default() });
+        let state = ApiState { scheduler, tokenizer: Arc::clone(&tokenizer), chat: chat.clone(), model: model_id };
+        let http = tokio::net::TcpListener::bind(&a.http).await.with_context(|| format!("listening on {}", a.http))?;
+        reg.set_state("serving");
+        super::print_stdout(&format!("serving on http://{}\n", http.local_addr()?))?;
+        axum::serve(http, api::router(state)).with_graceful_shutdown(shutdown()).await.context("serving HTTP")?;
+        eprintln!("shoal: shutting down");
+        Ok::<_, anyhow::Error>(())
+    });
+    drop(local);
+    r
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,201 @@
+//! `shoal serve` end to end: real worker processes (local or joined through the registry),
+//! the real `openai` Python client sending concurrent requests, `shoal status`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
+    })
+}
+
+fn model_path(name: &str) -> PathBuf {
+    let p = models_dir().join(name);
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
+    p
+}
+
+/// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
+#[derive(Default)]
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads stdout lines of `child` until one starts with `prefix`; returns the rest of it.
+fn wait_line(out: &mut impl BufRead, prefix: &str, what: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(n > 0, "{what} ended before printing {prefix:?}");
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            return rest.trim().to_string();
+        }
+    }
+}
+
+type Out = BufReader<std::process::ChildStdout>;
+
+/// Starts `shoal serve` with `extra` flags; returns (registry addr, its stdout, pid) once
+/// the registry listens.
+fn serve(procs: &mut Procs, extra: &[&str]) -> (String, Out, u32) {
+    let mut child = Command::new(SHOAL)
+        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1", "--ctx", "512"])
+        .arg("--model")
+        .arg(model_path(SMOLLM2))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let pid = child.id();
+    procs.0.push(child);
+    let reg = wait_line(&mut out, "registry on", "shoal serve");
+    (reg, out, pid)
+}
+
+/// Waits until `shoal serve` has loaded the model; returns the API's base URL.
+fn serving(mut out: Out) -> String {
+    let http = wait_line(&mut out, "serving on", "shoal serve");
+    // Keep reading stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in out.lines() {});
+    format!("{http}/v1")
+}
+
+/// What single-process `shoal run` prints for a greedy completion.
+fn single(prompt: &str, n: usize) -> String {
+    let o = Command::new(SHOAL)
+        .args(["run", "--temperature", "0", "-t", "1", "--ctx", "512", "-n", &n.to_string()])
+        .arg("--model")
+        .arg(model_path(SMOLLM2))
+        .arg(prompt)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8(o.stdout).unwrap();
+    s.strip_suffix('\n').unwrap_or(&s).to_string()
+}
+
+/// Sends `prompts` at once with the `openai` client; returns (text, finish, tokens) each.
+fn openai_concurrent(base: &str, prompts: &[String], n: usize) -> Vec<(String, String, u64)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_completions.py");
+    let o = Command::new("python3")
+        .arg(script)
+        .args([base, "SmolLM2-135M-Instruct.Q4_1", &n.to_string()])
+        .args(prompts)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the openai client failed (scripts/install-deps installs it): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["text"].as_str().unwrap().to_string(),
+                r["finish_reason"].as_str().unwrap().to_string(),
+                r["completion_tokens"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn status_json(reg: &str) -> serde_json::Value {
+    let o = Command::new(SHOAL).args(["status", "--json", "--coordinator", reg]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+const TOPICS: [&str; 16] = [
+    "The history of Rome", "How bread is made", "The planets of the solar system", "Why the sky is blue",
+    "A recipe for pancakes", "The rules of chess", "How a bicycle works", "The life of bees",
+    "Tips for learning a language", "The water cycle", "How computers store numbers", "The French revolution",
+    "Photosynthesis in plants", "How to tie a knot", "The tallest mountains", "Why cats purr",
+];
+
+#[test]
+fn serve_with_3_local_workers_answers_16_concurrent_openai_requests_like_one_process() {
+    let mut procs = Procs::default();
+    let (reg, out, pid) = serve(&mut procs, &["--workers", "3"]);
+    let base = serving(out);
+    let prompts: Vec<String> = TOPICS.iter().map(|t| format!("{t} is")).collect();
+    const N: usize = 16;
+    let t0 = Instant::now();
+    let got = openai_concurrent(&base, &prompts, N);
+    eprintln!("16 concurrent requests of {N} tokens through 3 stages: {:?}", t0.elapsed());
+    for (p, (text, finish, n)) in prompts.iter().zip(&got) {
+        let want = single(p, N);
+        assert_eq!(text, &want, "prompt {p:?}");
+        if *finish == "length" {
+            assert_eq!(*n, N as u64, "prompt {p:?}");
+        } else {
+            assert_eq!(finish, "stop", "prompt {p:?}");
+        }
+    }
+    // The registry knows the 3 stages, their layers and that they have worked.
+    let st = status_json(&reg);
+    assert_eq!(st["state"], "serving", "{st}");
+    let workers = st["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 3, "{st}");
+    let mut next = 0;
+    for w in workers {
+        assert_eq!(w["layer_start"].as_u64().unwrap(), next, "{st}");
+        next = w["layer_end"].as_u64().unwrap();
+        assert!(w["steps"].as_u64().unwrap() > 0, "{st}");
+    }
+    assert_eq!(next, 30, "{st}");
+    // Killing the coordinator takes its local workers with it.
+    let kids = String::from_utf8(Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap().stdout).unwrap();
+    let kids: Vec<String> = kids.split_whitespace().map(str::to_string).collect();
+    assert_eq!(kids.len(), 3, "children of shoal serve: {kids:?}");
+    drop(procs);
+    let t = Instant::now();
+    while kids.iter().any(|k| Path::new(&format!("/proc/{k}")).exists()) {
+        assert!(t.elapsed() < Duration::from_secs(5), "workers outlived shoal serve: {kids:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_loads_onto_workers_that_join_its_registry() {
+    let mut procs = Procs::default();
+    let (reg, out, _) = serve(&mut procs, &["--min-workers", "2"]);
+    for i in 0..2 {
+        let w = Command::new(SHOAL)
+            .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--join", &reg, "--name"])
+            .arg(format!("joined-{i}"))
+            .arg("--models-dir")
+            .arg(models_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        procs.0.push(w);
+    }
+    let base = serving(out);
+    let prompts = vec!["The water cycle is".to_string()];
+    let got = openai_concurrent(&base, &prompts, 12);
+    assert_eq!(got[0].0, single(&prompts[0], 12));
+    let st = status_json(&reg);
+    let names: Vec<&str> = st["workers"].as_array().unwrap().iter().map(|w| w["node_name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{st}");
+    assert!(names.iter().all(|n| n.starts_with("joined-")), "{st}");
+}
