@@ -29,6 +29,9 @@ enum Command {
     Worker(cli::worker::WorkerArgs),
     /// Print the cluster a coordinator runs: workers, layers, memory, ms per step, round trips.
     Status(cli::status::StatusArgs),
+    /// Relay TCP with a fixed delay each way (a test tool standing in for netem's delay).
+    #[command(hide = true)]
+    DelayProxy(cli::delay_proxy::DelayProxyArgs),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         Command::Worker(a) => cli::worker::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Status(a) => cli::status::run(a),
+        Command::DelayProxy(a) => cli::delay_proxy::run(a),
     };
     if let Err(e) = r {
         let msg = format!("{e:#}").replace('\n', " ");

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod delay_proxy;
 pub mod info;
 pub mod run;
 pub mod serve;
