@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// them); the figure is the aggregate tokens/s over all of them.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Through workers: micro-batches in flight (0: one per stage).
+    #[arg(long, default_value_t = 0)]
+    in_flight: usize,
     #[command(flatten)]
     cluster: super::cluster::ClusterArgs,
 }
@@ -50,7 +53,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(super::default_threads);
     if a.cluster.enabled() {
-        return run_cluster(a, threads);
+        return run_cluster(a);
     }
     let file = Arc::new(GgufFile::open(&a.model)?);
     let config = Config::from_gguf(&file)?;
@@ -121,7 +124,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// sequences submitted at once, each a one-token random prompt followed by `n_gen` samples
 /// with random tokens fed back (teacher forcing, so no sequence stops early); the figure is
 /// all sampled tokens over the wall time.
-fn run_cluster(a: BenchArgs, threads: usize) -> Result<()> {
+fn run_cluster(a: BenchArgs) -> Result<()> {
     use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig, Submission};
     use shoal_model::sampling::SamplingParams;
 
@@ -131,14 +134,15 @@ fn run_cluster(a: BenchArgs, threads: usize) -> Result<()> {
     let conc = a.concurrency.max(1);
     let n_ctx = (a.n_prompt.max(a.n_gen) + 16).max(64);
     let (local, addrs) = a.cluster.workers(&path)?;
-    let opts = a.cluster.load_options(&path, threads, n_ctx)?;
+    let opts = a.cluster.load_options(&path, a.threads, n_ctx)?;
+    let threads = opts.n_threads;
     let rt = super::cluster::runtime()?;
     let reps = a.reps.max(1);
     let mut rng = Rng::new(1234);
     let mut tok = move || (rng.next_u64() % config.n_vocab as u64) as u32;
     let (pp, tg) = rt.block_on(async {
         let p = super::cluster::load(&addrs, &file, &opts).await?;
-        let sched = Scheduler::start(p, SchedulerConfig { max_seqs: conc.max(256), ..SchedulerConfig::default() });
+        let sched = Scheduler::start(p, SchedulerConfig { max_seqs: conc.max(256), in_flight: a.in_flight, ..SchedulerConfig::default() });
         let one = |prompt: Vec<u32>, n: usize, forced: Vec<u32>| Submission {
             prompt,
             params: SamplingParams::greedy(),

@@ -43,13 +43,23 @@ impl ClusterArgs {
         Ok((Some(c), addrs))
     }
 
-    /// Load options for `model` with `threads` compute threads per worker.
-    pub fn load_options(&self, model: &Path, threads: usize, n_ctx: usize) -> Result<LoadOptions> {
+    /// Load options for `model`. `threads` (`--threads`) is each worker's compute threads;
+    /// without it, local workers share this machine's cores (cores / N each, so concurrent
+    /// stages do not oversubscribe them) and remote workers use all of their own. Attention
+    /// rounds as a single process with `threads` (default: this machine's cores) would, so
+    /// `--codec f32` output equals `shoal run`'s.
+    pub fn load_options(&self, model: &Path, threads: Option<usize>, n_ctx: usize) -> Result<LoadOptions> {
+        let cores = super::default_threads();
+        let n_threads = match threads {
+            Some(t) => t,
+            None if self.worker.is_empty() => (cores / self.workers.max(1)).max(1),
+            None => 0,
+        };
         Ok(LoadOptions {
             model_file: pipeline::file_name_in(model).context("the model file name is not UTF-8")?,
             n_ctx,
-            n_threads: threads,
-            attn_threads: threads,
+            n_threads,
+            attn_threads: threads.unwrap_or(cores),
             codec: self.codec,
             kv_budget: 0,
             // Local workers share one machine's bandwidth: split evenly.

@@ -38,7 +38,8 @@ pub struct ServeArgs {
     /// Longest wait for --min-workers to join, in seconds.
     #[arg(long, default_value_t = 600)]
     wait_secs: u64,
-    /// Compute threads per worker (default: each worker's cores).
+    /// Compute threads per worker (default: each remote worker's cores; local workers
+    /// share this machine's).
     #[arg(long, short)]
     threads: Option<usize>,
     /// Context length per sequence (default: the model's, at most 4096).
@@ -65,7 +66,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let model_id = a.model_id.clone().unwrap_or_else(|| file_name.trim_end_matches(".gguf").to_string());
     let (local, given) = if a.cluster.enabled() { a.cluster.workers(&path).map(|(l, g)| (l, Some(g)))? } else { (None, None) };
-    let opts = a.cluster.load_options(&path, a.threads.unwrap_or(0), a.ctx)?;
+    let opts = a.cluster.load_options(&path, a.threads, a.ctx)?;
     let rt = super::cluster::runtime()?;
     let r = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;

@@ -15,7 +15,6 @@ use shoal_model::tokenizer::Tokenizer;
 use super::RunArgs;
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let threads = a.threads.unwrap_or_else(crate::cli::default_threads);
     let path = a.model.canonicalize().with_context(|| a.model.display().to_string())?;
     if path.is_dir() {
         anyhow::bail!("{}: is a directory", path.display());
@@ -26,7 +25,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let req = super::request(&a, &tokenizer, chat.as_ref())?;
     let (cluster, addrs) = a.cluster.workers(&path)?;
     let rt = crate::cli::cluster::runtime()?;
-    let opts = a.cluster.load_options(&path, threads, a.ctx)?;
+    let opts = a.cluster.load_options(&path, a.threads, a.ctx)?;
     let r = rt.block_on(async {
         let p = crate::cli::cluster::load(&addrs, &file, &opts).await?;
         let sched = Scheduler::start(p, SchedulerConfig::default());
