@@ -451,6 +451,7 @@ async fn load_shard_refuses_escaping_paths_and_other_files() {
 
 fn hidden_frame(step: u64, seq: u64, n_tokens: u32, dim: u32, dtype: i32, bytes: usize) -> v1::ForwardFrame {
     v1::ForwardFrame {
+        route: 0,
         step,
         chunks: vec![v1::Chunk { seq, n_tokens, sample: true }],
         starts: vec![],
@@ -494,6 +495,7 @@ async fn bad_frames_get_invalid_argument_and_the_worker_keeps_serving() {
         ("unknown sequence", hidden_frame(6, 12345, 1, dim, f32_, dim as usize * 4), "unknown"),
         ("too many tokens", hidden_frame(7, 5, 100_000, dim, f32_, 0), "tokens"),
         ("token ids to a hidden stage", v1::ForwardFrame {
+            route: 0,
             step: 8,
             chunks: vec![v1::Chunk { seq: 5, n_tokens: 1, sample: true }],
             starts: vec![],
@@ -510,6 +512,7 @@ async fn bad_frames_get_invalid_argument_and_the_worker_keeps_serving() {
     let e = one_frame(
         &mut c0,
         v1::ForwardFrame {
+            route: 0,
             step: 9,
             chunks: vec![v1::Chunk { seq: 1, n_tokens: 2, sample: true }],
             starts: vec![v1::SeqStart { seq: 1, sampling: None, history: vec![] }],
@@ -680,6 +683,7 @@ async fn kv_budget_is_enforced_and_release_frees_it() {
     .await
     .unwrap();
     let frame = |seq: u64, n: u32| v1::ForwardFrame {
+        route: 0,
         step: seq,
         chunks: vec![v1::Chunk { seq, n_tokens: n, sample: true }],
         starts: vec![v1::SeqStart { seq, sampling: None, history: vec![] }],

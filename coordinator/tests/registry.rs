@@ -258,6 +258,7 @@ async fn greedy_tokens(stage0: &str, prompt: &[u32], n: usize) -> Vec<u32> {
     for step in 0..n as u64 {
         let starts = if step == 0 { vec![v1::SeqStart { seq, sampling: None, history: prompt.to_vec() }] } else { vec![] };
         let frame = v1::ForwardFrame {
+            route: 0,
             step,
             chunks: vec![v1::Chunk { seq, n_tokens: input.len() as u32, sample: true }],
             starts,

@@ -14,7 +14,10 @@ pub mod v1 {
 /// Protocol major version: peers with a different major refuse each other at `Hello`.
 pub const PROTOCOL_MAJOR: u32 = 1;
 /// Protocol minor version: additive changes only.
-pub const PROTOCOL_MINOR: u32 = 0;
+pub const PROTOCOL_MINOR: u32 = 1;
+
+/// Capability: the worker serves `Results` and honours `ForwardFrame.route` (protocol 1.1).
+pub const CAP_RESULTS_ROUTE: &str = "results-route";
 
 /// Largest gRPC message either side accepts (a prefill frame of 512 tokens × 8192 f32 is
 /// 16 MiB).
@@ -43,7 +46,7 @@ pub fn hello(node_name: impl Into<String>) -> v1::HelloRequest {
         protocol_major: PROTOCOL_MAJOR,
         protocol_minor: PROTOCOL_MINOR,
         node_name: node_name.into(),
-        capabilities: vec!["forward.v1".into(), "sample-on-last-stage".into()],
+        capabilities: vec!["forward.v1".into(), "sample-on-last-stage".into(), CAP_RESULTS_ROUTE.into()],
     }
 }
 

@@ -74,7 +74,11 @@ pub struct Inner {
     rejected: std::sync::atomic::AtomicU64,
     // The channel Stats times a Health call on, and the next stage it leads to.
     next_probe: tokio::sync::Mutex<Option<(String, WorkerClient<tonic::transport::Channel>)>>,
+    // Open `Results` streams by route (last stage only).
+    routes: Mutex<std::collections::HashMap<u64, ResultTx>>,
 }
+
+type ResultTx = tmpsc::Sender<std::result::Result<v1::ForwardResult, Status>>;
 
 impl WorkerService {
     /// Measures the memory bandwidth once and returns the service.
@@ -85,6 +89,7 @@ impl WorkerService {
             shard: Mutex::new(None),
             rejected: Default::default(),
             next_probe: Default::default(),
+            routes: Default::default(),
         }))
     }
 }
@@ -394,12 +399,17 @@ impl worker_server::Worker for WorkerService {
         tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut enc = Vec::new();
+            let mut route_seen = 0u64;
             loop {
                 let frame = match inbound.message().await {
                     Ok(Some(f)) => f,
                     Ok(None) | Err(_) => break,
                 };
                 let step_id = frame.step;
+                let route = frame.route;
+                if route != 0 {
+                    route_seen = route;
+                }
                 let span = tracing::debug_span!("forward", step = step_id, chunks = frame.chunks.len());
                 let r: Result<()> = async {
                     let step = to_step(&sh, frame, &mut buf)?;
@@ -425,6 +435,7 @@ impl worker_server::Worker for WorkerService {
                             codec::encode(sh.codec, &h, n, sh.n_embd, &mut enc)?;
                             let frame = v1::ForwardFrame {
                                 step: step_id,
+                                route,
                                 chunks,
                                 starts: starts_msg,
                                 input: Some(v1::forward_frame::Input::Hidden(v1::Activations {
@@ -445,7 +456,19 @@ impl worker_server::Worker for WorkerService {
                                 .into_iter()
                                 .map(|(seq, token, logprob)| v1::SampledToken { seq, token, logprob })
                                 .collect();
-                            let _ = up_tx.send(Ok(v1::ForwardResult { step: step_id, tokens })).await;
+                            let result = v1::ForwardResult { step: step_id, tokens };
+                            if route == 0 {
+                                let _ = up_tx.send(Ok(result)).await;
+                            } else {
+                                // Straight to the caller's Results stream.
+                                let tx = this.routes.lock().unwrap_or_else(|e| e.into_inner()).get(&route).cloned();
+                                let tx = tx.ok_or_else(|| {
+                                    Error::InvalidFrame(format!("no Results stream is open for route {route}"))
+                                })?;
+                                if tx.send(Ok(result)).await.is_err() {
+                                    return Err(Error::InvalidFrame(format!("the Results stream of route {route} closed")));
+                                }
+                            }
                         }
                         (Output::Hidden(_), None) => {
                             return Err(Error::InvalidFrame(
@@ -466,6 +489,9 @@ impl worker_server::Worker for WorkerService {
                     break;
                 }
             }
+            if route_seen != 0 {
+                this.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&route_seen);
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(up_rx))))
     }
@@ -479,6 +505,27 @@ impl worker_server::Worker for WorkerService {
 
     async fn health(&self, _: Request<v1::HealthRequest>) -> std::result::Result<Response<v1::HealthReply>, Status> {
         Ok(Response::new(v1::HealthReply { serving: true, loaded: self.loaded().is_ok() }))
+    }
+
+    type ResultsStream = ResultStream;
+
+    async fn results(&self, req: Request<v1::ResultsRequest>) -> std::result::Result<Response<Self::ResultsStream>, Status> {
+        let route = req.into_inner().route;
+        let sh = self.loaded()?;
+        if sh.next.is_some() {
+            return Err(Status::failed_precondition("Results is served by the last stage only"));
+        }
+        if route == 0 {
+            return Err(Status::invalid_argument("route 0 means relay up the chain; pick a non-zero route"));
+        }
+        let (tx, rx) = tmpsc::channel(64);
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|_, t| !t.is_closed());
+        if routes.contains_key(&route) {
+            return Err(Status::already_exists(format!("route {route} is taken")));
+        }
+        routes.insert(route, tx);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn stats(&self, _: Request<v1::StatsRequest>) -> std::result::Result<Response<v1::StatsReply>, Status> {

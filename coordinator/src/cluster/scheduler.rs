@@ -224,7 +224,12 @@ struct InFlight {
 struct Stream {
     first: String,
     tx: mpsc::Sender<v1::ForwardFrame>,
+    /// The first stage's answers: results relayed up the chain, and every stage's errors.
     results: tonic::Streaming<v1::ForwardResult>,
+    /// With several stages that can: the last stage's `Results` stream for `route`, which
+    /// brings the sampled tokens straight back (two hops fewer per step than the relay).
+    direct: Option<(String, tonic::Streaming<v1::ForwardResult>)>,
+    route: u64,
     pending: VecDeque<InFlight>,
 }
 
@@ -362,8 +367,14 @@ impl Core {
         }
         let step = self.next_step;
         self.next_step += 1;
-        let frame = v1::ForwardFrame { step, chunks, starts, input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids })) };
         let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        let frame = v1::ForwardFrame {
+            step,
+            chunks,
+            starts,
+            input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids })),
+            route: st.route,
+        };
         if st.tx.send(frame).await.is_err() {
             // The stream is gone; its error (if any) is the better message.
             return match tokio::time::timeout(Duration::from_secs(5), st.results.message()).await {
@@ -382,8 +393,25 @@ impl Core {
             let w = &self.pipeline.stages[0].0;
             (w.addr.clone(), w.client())
         };
+        // The direct path first, so it is there before the first result.
+        let mut direct = None;
+        let mut route = 0;
+        let stages = &self.pipeline.stages;
+        if let Some((last, _)) = stages.last().filter(|_| stages.len() > 1)
+            && last.hello.capabilities.iter().any(|c| c == shoal_proto::CAP_RESULTS_ROUTE)
+        {
+            route = random_route();
+            let r = last.client().results(v1::ResultsRequest { route }).await;
+            match r {
+                Ok(s) => direct = Some((last.addr.clone(), s.into_inner())),
+                Err(e) => {
+                    tracing::warn!("the last stage {} refused a Results stream ({}); results take the relay", last.addr, e.message());
+                    route = 0;
+                }
+            }
+        }
         let results = client.forward(ReceiverStream::new(rx)).await.map_err(|s| stage_err(&first, s))?.into_inner();
-        Ok(Stream { first, tx, results, pending: VecDeque::new() })
+        Ok(Stream { first, tx, results, direct, route, pending: VecDeque::new() })
     }
 
     async fn answered(&mut self, r: Result<v1::ForwardResult>) -> Result<()> {
@@ -442,7 +470,10 @@ impl Core {
     /// Fails every active sequence with `e` and drops the stream.
     async fn fail_all(&mut self, e: Error) {
         tracing::warn!("pipeline step failed: {e}");
-        let msg = e.to_string();
+        let msg = match e {
+            Error::Stage(m) => m,
+            e => e.to_string(),
+        };
         let ids: Vec<u64> = self.seqs.keys().copied().collect();
         for s in self.seqs.values() {
             let _ = s.out.send(Err(Error::Stage(msg.clone())));
@@ -455,13 +486,50 @@ impl Core {
     }
 }
 
-/// The next answer on the stream, bounded by [`STEP_TIMEOUT`].
+/// The next answer, from the last stage's `Results` stream or the first stage's stream
+/// (which also carries every stage's errors), bounded by [`STEP_TIMEOUT`].
 async fn next_result(st: Option<&mut Stream>) -> Result<v1::ForwardResult> {
     let Some(st) = st else { return std::future::pending().await };
-    match tokio::time::timeout(STEP_TIMEOUT, st.results.message()).await {
-        Err(_) => Err(Error::Timeout(STEP_TIMEOUT)),
-        Ok(Err(s)) => Err(stage_err(&st.first, s)),
-        Ok(Ok(None)) => Err(Error::Stage("the first stage closed the stream".into())),
-        Ok(Ok(Some(r))) => Ok(r),
-    }
+    let first = st.first.clone();
+    let from_first = |m: std::result::Result<Option<v1::ForwardResult>, tonic::Status>| match m {
+        Err(s) => Err(stage_err(&first, s)),
+        Ok(None) => Err(Error::Stage("the first stage closed the stream".into())),
+        Ok(Some(r)) => Ok(r),
+    };
+    let Some((last, direct)) = st.direct.as_mut() else {
+        return match tokio::time::timeout(STEP_TIMEOUT, st.results.message()).await {
+            Err(_) => Err(Error::Timeout(STEP_TIMEOUT)),
+            Ok(m) => from_first(m),
+        };
+    };
+    let r = tokio::time::timeout(STEP_TIMEOUT, async {
+        tokio::select! {
+            m = st.results.message() => from_first(m),
+            m = direct.message() => match m {
+                Ok(Some(r)) => Ok(r),
+                // The last stage's stream broke: the chain reports why (it names the stage)
+                // within the keepalive timeout; else say it here.
+                other => {
+                    let why = match other {
+                        Err(s) => s.message().to_string(),
+                        _ => "it closed the Results stream".into(),
+                    };
+                    match tokio::time::timeout(Duration::from_secs(4), st.results.message()).await {
+                        Ok(Err(s)) => Err(stage_err(&first, s)),
+                        _ => Err(Error::Stage(format!("next stage {last} failed: {why}"))),
+                    }
+                }
+            },
+        }
+    })
+    .await;
+    r.unwrap_or(Err(Error::Timeout(STEP_TIMEOUT)))
+}
+
+/// A route id for a `Results` stream: random, non-zero.
+fn random_route() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() | 1
 }
