@@ -29,6 +29,7 @@ use shoal_model::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::cluster::pipeline::Sampled;
 use crate::cluster::scheduler::{Scheduler, Submission};
 
 /// What the handlers share.
@@ -136,6 +137,8 @@ struct Common {
 #[derive(Deserialize, Debug)]
 struct CompletionRequest {
     prompt: Prompt,
+    /// Log-probabilities of the chosen tokens and this many alternatives (0..=5).
+    logprobs: Option<u32>,
     #[serde(flatten)]
     common: Common,
 }
@@ -143,8 +146,24 @@ struct CompletionRequest {
 #[derive(Deserialize, Debug)]
 struct ChatRequest {
     messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    logprobs: bool,
+    /// With `logprobs`: this many alternatives per token (0..=20).
+    top_logprobs: Option<u32>,
     #[serde(flatten)]
     common: Common,
+}
+
+/// What a request wants of log-probabilities: `Some(alternatives)` or none.
+fn want_logprobs(on: bool, top: Option<u32>, max: u32, param: &'static str) -> Result<Option<usize>, ApiError> {
+    match (on, top) {
+        (_, Some(t)) if t > max => Err(ApiError::bad(param, format!("{param} must be at most {max}, got {t}"))),
+        (false, Some(_)) if param == "top_logprobs" => {
+            Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"))
+        }
+        (true, t) => Ok(Some(t.unwrap_or(0) as usize)),
+        (false, _) => Ok(None),
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -265,8 +284,9 @@ async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<Completio
                 t
             }
         };
+        let lp = want_logprobs(req.logprobs.is_some(), req.logprobs, 5, "logprobs")?;
         let g = req.common.request(&st, prompt, Some(16))?;
-        run(st.clone(), g, req.common.stream, Kind::Completion).await
+        run(st.clone(), g, req.common.stream, Kind::Completion, lp).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -301,8 +321,9 @@ async fn chat_completions(State(st): State<Arc<ApiState>>, req: Result<Json<Chat
         let text = chat.render(&messages, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
         // The template writes BOS itself when the model wants one.
         let prompt = st.tokenizer.encode(&text, false, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        let lp = want_logprobs(req.logprobs, req.top_logprobs, 20, "top_logprobs")?;
         let g = req.common.request(&st, prompt, None)?;
-        run(st.clone(), g, req.common.stream, Kind::Chat).await
+        run(st.clone(), g, req.common.stream, Kind::Chat, lp).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -323,7 +344,47 @@ fn finish_str(f: FinishReason) -> &'static str {
 }
 
 /// Runs one generation and answers it whole or as a stream.
-async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) -> Result<Response, ApiError> {
+/// The `logprobs` object of a choice for `tokens` (those of one chunk, or all), in OpenAI's
+/// shape for `kind`; `offset` is the completion text's length before them.
+fn logprobs_json(tok: &Tokenizer, kind: Kind, tokens: &[Sampled], offset: usize) -> Value {
+    let text = |id: u32| String::from_utf8_lossy(&tok.token_bytes(id, false)).into_owned();
+    match kind {
+        Kind::Chat => {
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|s| {
+                    let top: Vec<Value> = s
+                        .top
+                        .iter()
+                        .map(|&(t, lp)| json!({"token": text(t), "logprob": lp, "bytes": tok.token_bytes(t, false)}))
+                        .collect();
+                    json!({"token": text(s.token), "logprob": s.logprob, "bytes": tok.token_bytes(s.token, false),
+                           "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Completion => {
+            let mut off = offset;
+            let mut offsets = Vec::new();
+            let mut texts = Vec::new();
+            for s in tokens {
+                let t = text(s.token);
+                offsets.push(off);
+                off += t.len();
+                texts.push(t);
+            }
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|s| Value::Object(s.top.iter().map(|&(t, lp)| (text(t), json!(lp))).collect()))
+                .collect();
+            let lps: Vec<Option<f32>> = tokens.iter().map(|s| s.logprob).collect();
+            json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets})
+        }
+    }
+}
+
+async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp: Option<usize>) -> Result<Response, ApiError> {
     let id = match kind {
         Kind::Completion => format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         Kind::Chat => format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
@@ -337,7 +398,8 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) ->
     let sub = Submission {
         prompt: g.prompt_tokens.clone(),
         params: g.params.clone(),
-        logprobs: false,
+        logprobs: lp.is_some(),
+        top_logprobs: lp.unwrap_or(0),
         max_tokens: g.max_tokens,
         forced: None,
     };
@@ -345,22 +407,30 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) ->
     if !stream {
         let mut ts = TokenStream::new(&st.tokenizer, &g);
         let mut sink = |_: &str| {};
+        let mut sampled = Vec::new();
         while let Some(t) = rx.recv().await {
             let t = t.map_err(ApiError::from_cluster)?;
-            if !ts.push(t.token, &mut sink) {
+            let go = ts.push(t.token, &mut sink);
+            sampled.push(t);
+            if !go {
                 break;
             }
         }
         drop(rx);
         let gen_ = ts.finish(&mut sink);
-        let out = whole(kind, &id, created, &st.model, &gen_.text, gen_.finish, usage(n_prompt, gen_.tokens.len()));
+        let mut out = whole(kind, &id, created, &st.model, &gen_.text, gen_.finish, usage(n_prompt, gen_.tokens.len()));
+        if lp.is_some() {
+            // The tokens the completion kept (not an end-of-generation token that ended it).
+            sampled.truncate(gen_.tokens.len());
+            out["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &sampled, 0);
+        }
         return Ok(Json(out).into_response());
     }
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(64);
     let model = st.model.clone();
     tokio::spawn(async move {
-        let chunk = |delta: Value, finish: Option<&str>| -> Event {
-            let v = match kind {
+        let chunk_json = |delta: Value, finish: Option<&str>| -> Value {
+            match kind {
                 Kind::Completion => json!({
                     "id": id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}],
@@ -369,18 +439,21 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) ->
                     "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
                 }),
-            };
-            Event::default().data(v.to_string())
+            }
         };
-        let piece = |t: &str| match kind {
-            Kind::Completion => json!(t),
-            Kind::Chat => json!({"content": t}),
+        let chunk_value = |t: &str, finish: Option<&str>| match kind {
+            Kind::Completion => chunk_json(json!(t), finish),
+            Kind::Chat => chunk_json(json!({"content": t}), finish),
         };
-        if kind == Kind::Chat && tx.send(Ok(chunk(json!({"role": "assistant", "content": ""}), None))).await.is_err() {
+        let first = chunk_json(json!({"role": "assistant", "content": ""}), None);
+        if kind == Kind::Chat && tx.send(Ok(Event::default().data(first.to_string()))).await.is_err() {
             return;
         }
         let mut ts = TokenStream::new(&st.tokenizer, &g);
         let mut pending: Vec<String> = Vec::new();
+        // Log-probabilities of tokens not yet sent, and the text length sent so far.
+        let mut lp_pending: Vec<Sampled> = Vec::new();
+        let mut sent_len = 0usize;
         let mut failed = None;
         while let Some(t) = rx.recv().await {
             let t = match t {
@@ -390,9 +463,19 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) ->
                     break;
                 }
             };
+            let n_before = ts.len();
             let go = ts.push(t.token, &mut |s: &str| pending.push(s.to_string()));
+            if lp.is_some() && ts.len() > n_before {
+                lp_pending.push(t);
+            }
             for p in pending.drain(..) {
-                if tx.send(Ok(chunk(piece(&p), None))).await.is_err() {
+                let mut ev = chunk_value(&p, None);
+                if lp.is_some() {
+                    ev["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);
+                    lp_pending.clear();
+                }
+                sent_len += p.len();
+                if tx.send(Ok(Event::default().data(ev.to_string()))).await.is_err() {
                     return; // the client is gone; dropping rx ends the sequence
                 }
             }
@@ -408,7 +491,13 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) ->
         }
         let gen_ = ts.finish(&mut |s: &str| pending.push(s.to_string()));
         for p in pending.drain(..) {
-            if tx.send(Ok(chunk(piece(&p), None))).await.is_err() {
+            let mut ev = chunk_value(&p, None);
+            if lp.is_some() {
+                ev["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);
+                lp_pending.clear();
+            }
+            sent_len += p.len();
+            if tx.send(Ok(Event::default().data(ev.to_string()))).await.is_err() {
                 return;
             }
         }
@@ -420,6 +509,9 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind) ->
                 "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_str(gen_.finish)}]}),
         };
         v["usage"] = usage(n_prompt, gen_.tokens.len());
+        if lp.is_some() && !lp_pending.is_empty() {
+            v["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);
+        }
         if tx.send(Ok(Event::default().data(v.to_string()))).await.is_ok() {
             let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         }

@@ -99,7 +99,7 @@ async fn through(p: &Scheduler, prompt: &[u32], n: usize) -> Vec<Sampled> {
 /// A greedy request with log-probabilities; `forced` feeds these tokens back instead of the
 /// sampled ones.
 fn submission(prompt: &[u32], max_tokens: usize, forced: Option<Vec<u32>>) -> Submission {
-    Submission { prompt: prompt.to_vec(), params: SamplingParams::greedy(), logprobs: true, max_tokens, forced }
+    Submission { prompt: prompt.to_vec(), params: SamplingParams::greedy(), logprobs: true, top_logprobs: 0, max_tokens, forced }
 }
 
 /// Every token a receiver gets until the sequence ends.
@@ -699,4 +699,35 @@ async fn kv_budget_is_enforced_and_release_frees_it() {
     assert_eq!(c.release(v1::ReleaseRequest { seqs: vec![1, 77] }).await.unwrap().into_inner().released, 1);
     assert_eq!(c.stats(v1::StatsRequest {}).await.unwrap().into_inner().kv_bytes, 0);
     one_frame(&mut c, frame(2, 4)).await.unwrap();
+}
+
+/// `top_logprobs` come from the last stage's logits: with f32 frames they equal the
+/// single-process engine's top tokens and log-probabilities bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_logprobs_through_2_workers_equal_the_engine() {
+    const N: usize = 6;
+    const TOP: usize = 5;
+    let prompt = fixture_prompts(SMOLLM2).remove(0);
+    let mut engine = Engine::load(model_path(SMOLLM2), THREADS, N_CTX).unwrap();
+    let seq = 98;
+    engine.executor().add_sequence(seq);
+    let mut logits = engine.prefill(seq, &prompt).unwrap();
+    let mut want = Vec::new();
+    for _ in 0..N {
+        let id = argmax(&logits);
+        want.push((id, logprobs(&logits, id, TOP)));
+        logits = engine.decode(seq, id).unwrap();
+    }
+    let cluster = start(2);
+    let p = load(&cluster.addrs(), SMOLLM2, Codec::F32).await;
+    let sub = Submission { top_logprobs: TOP, ..submission(&prompt, N, None) };
+    let got = drain(p.submit(sub).await.unwrap()).await;
+    assert_eq!(got.len(), N);
+    for (i, (g, (id, (lp, top)))) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.token, *id, "token {i}");
+        assert_eq!(g.logprob.map(f32::to_bits), Some(lp.to_bits()), "token {i}");
+        let bits = |v: &[(u32, f32)]| v.iter().map(|&(t, l)| (t, l.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&g.top), bits(top), "token {i}: top {TOP}");
+        assert_eq!(g.top[0].0, g.token, "greedy picks the most likely token");
+    }
 }

@@ -31,6 +31,8 @@ pub struct Start {
     pub seq: u64,
     pub params: SamplingParams,
     pub want_logprobs: bool,
+    /// With `want_logprobs`: how many of the most likely tokens to return too.
+    pub top_logprobs: usize,
     pub history: Vec<u32>,
 }
 
@@ -48,8 +50,18 @@ pub struct Step {
 pub enum Output {
     /// Hidden states `(n_tokens, n_embd)` for the next stage.
     Hidden(Vec<f32>),
-    /// (seq, token, logprob) for each chunk that asked to sample.
-    Tokens(Vec<(u64, u32, Option<f32>)>),
+    /// One per chunk that asked to sample.
+    Tokens(Vec<SampledOut>),
+}
+
+/// A token sampled on this (last) stage.
+#[derive(Debug)]
+pub struct SampledOut {
+    pub seq: u64,
+    pub token: u32,
+    pub logprob: Option<f32>,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Counters for `Stats`.
@@ -112,7 +124,7 @@ pub fn spawn(
 
 struct State {
     exec: ShardExecutor,
-    samplers: HashMap<u64, (Sampler, bool)>,
+    samplers: HashMap<u64, (Sampler, Option<usize>)>,
     kv_budget: u64,
     counters: Counters,
 }
@@ -139,7 +151,7 @@ impl State {
             self.exec.add_sequence(s.seq);
             let mut sampler = Sampler::new(s.params);
             sampler.accept(&s.history);
-            self.samplers.insert(s.seq, (sampler, s.want_logprobs));
+            self.samplers.insert(s.seq, (sampler, s.want_logprobs.then_some(s.top_logprobs)));
         }
         let input = match &step.input {
             Input::Tokens(t) => StageInput::Tokens(t),
@@ -161,8 +173,14 @@ impl State {
                     let (sampler, want_lp) =
                         self.samplers.get_mut(&ch.seq).ok_or(shoal_model::Error::UnknownSequence(ch.seq))?;
                     let id = sampler.sample(row);
-                    let lp = want_lp.then(|| logprobs(row, id, 0).0);
-                    toks.push((ch.seq, id, lp));
+                    let (logprob, top) = match *want_lp {
+                        Some(k) => {
+                            let (lp, top) = logprobs(row, id, k);
+                            (Some(lp), top)
+                        }
+                        None => (None, Vec::new()),
+                    };
+                    toks.push(SampledOut { seq: ch.seq, token: id, logprob, top });
                 }
                 Output::Tokens(toks)
             }

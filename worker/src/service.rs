@@ -30,6 +30,8 @@ use crate::{Error, Result};
 
 /// Most tokens in one frame (a prefill chunk is 512).
 pub const MAX_FRAME_TOKENS: usize = 8192;
+/// Most alternatives a sequence may ask for with its log-probabilities (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Most chunks (sequences) in one frame.
 pub const MAX_FRAME_CHUNKS: usize = 1024;
 
@@ -280,7 +282,13 @@ fn to_step(sh: &Loaded, f: v1::ForwardFrame, buf: &mut Vec<f32>) -> Result<Step>
     for s in f.starts {
         // No parameters: greedy.
         let Some(p) = s.sampling else {
-            starts.push(Start { seq: s.seq, params: SamplingParams::greedy(), want_logprobs: false, history: s.history });
+            starts.push(Start {
+                seq: s.seq,
+                params: SamplingParams::greedy(),
+                want_logprobs: false,
+                top_logprobs: 0,
+                history: s.history,
+            });
             continue;
         };
         let params = SamplingParams {
@@ -295,7 +303,16 @@ fn to_step(sh: &Loaded, f: v1::ForwardFrame, buf: &mut Vec<f32>) -> Result<Step>
             seed: p.seed,
         };
         params.validate().map_err(|m| bad(format!("sequence {}: {m}", s.seq)))?;
-        starts.push(Start { seq: s.seq, params, want_logprobs: p.logprobs, history: s.history });
+        if p.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(bad(format!("sequence {}: top_logprobs {} (at most {MAX_TOP_LOGPROBS})", s.seq, p.top_logprobs)));
+        }
+        starts.push(Start {
+            seq: s.seq,
+            params,
+            want_logprobs: p.logprobs,
+            top_logprobs: p.top_logprobs as usize,
+            history: s.history,
+        });
     }
     let chunks = f.chunks.iter().map(|c| SeqChunk { seq: c.seq, n_tokens: c.n_tokens as usize }).collect();
     let sample = f.chunks.iter().map(|c| c.sample).collect();
@@ -424,7 +441,7 @@ impl worker_server::Worker for WorkerService {
                         .iter()
                         .map(|s| v1::SeqStart {
                             seq: s.seq,
-                            sampling: Some(params_to_wire(&s.params, s.want_logprobs)),
+                            sampling: Some(params_to_wire(&s.params, s.want_logprobs, s.top_logprobs)),
                             history: s.history.clone(),
                         })
                         .collect();
@@ -454,7 +471,12 @@ impl worker_server::Worker for WorkerService {
                         (Output::Tokens(t), _) => {
                             let tokens = t
                                 .into_iter()
-                                .map(|(seq, token, logprob)| v1::SampledToken { seq, token, logprob })
+                                .map(|o| v1::SampledToken {
+                                    seq: o.seq,
+                                    token: o.token,
+                                    logprob: o.logprob,
+                                    top: o.top.into_iter().map(|(token, logprob)| v1::TokenLogprob { token, logprob }).collect(),
+                                })
                                 .collect();
                             let result = v1::ForwardResult { step: step_id, tokens };
                             if route == 0 {
@@ -564,7 +586,7 @@ impl worker_server::Worker for WorkerService {
 }
 
 /// Sampling parameters as they travel.
-pub fn params_to_wire(p: &SamplingParams, logprobs: bool) -> v1::SamplingParams {
+pub fn params_to_wire(p: &SamplingParams, logprobs: bool, top_logprobs: usize) -> v1::SamplingParams {
     v1::SamplingParams {
         temperature: p.temperature,
         top_k: p.top_k as u32,
@@ -576,6 +598,7 @@ pub fn params_to_wire(p: &SamplingParams, logprobs: bool) -> v1::SamplingParams 
         frequency_penalty: p.frequency_penalty,
         seed: p.seed,
         logprobs,
+        top_logprobs: top_logprobs as u32,
     }
 }
 

@@ -147,6 +147,7 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
             prompt,
             params: SamplingParams::greedy(),
             logprobs: false,
+            top_logprobs: 0,
             max_tokens: n,
             forced: Some(forced),
         };

@@ -120,10 +120,12 @@ pub struct Pipeline {
 }
 
 /// One sampled token as it came back.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub token: u32,
     pub logprob: Option<f32>,
+    /// With `top_logprobs`: the most likely tokens and their log-probabilities.
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Pipeline {

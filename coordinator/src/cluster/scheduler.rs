@@ -61,6 +61,8 @@ pub struct Submission {
     pub params: SamplingParams,
     /// Return each sampled token's log-probability.
     pub logprobs: bool,
+    /// With `logprobs`: also this many of the most likely tokens (at most 20).
+    pub top_logprobs: usize,
     /// Most tokens to sample (the context length also ends a sequence).
     pub max_tokens: usize,
     /// Teacher forcing: feed these tokens back instead of the sampled ones (token `i` is
@@ -164,6 +166,7 @@ impl Scheduler {
             prompt: req.prompt_tokens.clone(),
             params: req.params.clone(),
             logprobs,
+            top_logprobs: 0,
             max_tokens: req.max_tokens.max(1),
             forced: None,
         };
@@ -171,8 +174,9 @@ impl Scheduler {
         let mut out = Vec::new();
         while let Some(s) = rx.recv().await {
             let s = s?;
+            let go = keep_going(&s, out.len() + 1);
             out.push(s);
-            if !keep_going(&s, out.len()) {
+            if !go {
                 break;
             }
         }
@@ -206,6 +210,7 @@ struct Seq {
     max_tokens: usize,
     params: SamplingParams,
     logprobs: bool,
+    top_logprobs: usize,
     forced: Option<Vec<u32>>,
     started: bool,
     group: usize,
@@ -298,6 +303,7 @@ impl Core {
                     max_tokens: s.max_tokens,
                     params: s.params,
                     logprobs: s.logprobs,
+                    top_logprobs: s.top_logprobs,
                     forced: s.forced,
                     started: false,
                     group,
@@ -346,7 +352,7 @@ impl Core {
                 s.started = true;
                 starts.push(v1::SeqStart {
                     seq: id,
-                    sampling: Some(shoal_worker::service::params_to_wire(&s.params, s.logprobs)),
+                    sampling: Some(shoal_worker::service::params_to_wire(&s.params, s.logprobs, s.top_logprobs)),
                     history: s.prompt.clone(),
                 });
             }
@@ -439,7 +445,8 @@ impl Core {
             let Some(s) = self.seqs.get_mut(&id) else { continue };
             self.stats.tokens_sampled += 1;
             s.sampled += 1;
-            let delivered = s.out.send(Ok(Sampled { token: t.token, logprob: t.logprob })).is_ok();
+            let top = t.top.iter().map(|x| (x.token, x.logprob)).collect();
+            let delivered = s.out.send(Ok(Sampled { token: t.token, logprob: t.logprob, top })).is_ok();
             let next = match &s.forced {
                 Some(f) => f.get(s.sampled - 1).copied(),
                 None => Some(t.token),
