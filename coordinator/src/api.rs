@@ -40,17 +40,59 @@ pub struct ApiState {
     pub chat: Option<Arc<ChatTemplate>>,
     /// The id `/v1/models` lists and responses carry.
     pub model: String,
+    /// Accepted `Authorization: Bearer` keys; `None`: no authentication (loopback only).
+    pub api_keys: Option<Arc<std::collections::HashSet<String>>>,
+    /// Requests generating at once; one more is refused with 429 and `Retry-After`.
+    pub slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Limits of the API, set by `shoal serve`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
 }
 
 /// The router of the API.
-pub fn router(state: ApiState) -> axum::Router {
-    axum::Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+pub fn router(state: ApiState, limits: Limits) -> axum::Router {
+    let state = Arc::new(state);
+    let v1 = axum::Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
+    axum::Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint".into()) })
-        .with_state(Arc::new(state))
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(state)
+}
+
+/// Checks `Authorization: Bearer KEY` against the configured keys (OpenAI's 401 otherwise).
+async fn authenticate(
+    State(st): State<Arc<ApiState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(keys) = &st.api_keys {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|k| keys.contains(k)) {
+            let mut e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                if given.is_some() { "incorrect API key provided".into() } else { "no API key provided (Authorization: Bearer KEY)".into() },
+            );
+            e.code = Some("invalid_api_key");
+            return e.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// An error in OpenAI's shape.
@@ -60,15 +102,22 @@ pub struct ApiError {
     kind: &'static str,
     message: String,
     param: Option<&'static str>,
+    code: Option<&'static str>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: String) -> ApiError {
-        ApiError { status, kind, message, param: None }
+        ApiError { status, kind, message, param: None, code: None }
     }
 
     fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", message: message.into(), param: Some(param) }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: Some(param),
+            code: None,
+        }
     }
 
     fn from_cluster(e: crate::cluster::Error) -> ApiError {
@@ -84,8 +133,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         tracing::info!(status = %self.status, "request refused: {}", self.message);
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": null}});
-        (self.status, Json(body)).into_response()
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
+        let mut r = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -201,6 +254,7 @@ impl Common {
                 kind: "invalid_request_error",
                 message: format!("the model `{m}` does not exist; this server serves `{}`", st.model),
                 param: Some("model"),
+                code: Some("model_not_found"),
             });
         }
         if self.n.is_some_and(|n| n != 1) {
@@ -391,6 +445,16 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
     };
     let created = now();
     let n_prompt = g.prompt_tokens.len();
+    // Held until the answer is complete (streamed ones included).
+    let permit = Arc::clone(&st.slots).try_acquire_owned().map_err(|_| {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "the server is at its limit of concurrent requests; retry shortly".into(),
+        );
+        e.code = Some("rate_limit_exceeded");
+        e
+    })?;
     if g.max_tokens == 0 {
         let out = whole(kind, &id, created, &st.model, "", FinishReason::Length, usage(n_prompt, 0));
         return Ok(Json(out).into_response());
@@ -429,6 +493,7 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(64);
     let model = st.model.clone();
     tokio::spawn(async move {
+        let _permit = permit;
         let chunk_json = |delta: Value, finish: Option<&str>| -> Value {
             match kind {
                 Kind::Completion => json!({

@@ -199,3 +199,73 @@ fn serve_loads_onto_workers_that_join_its_registry() {
     assert_eq!(names.len(), 2, "{st}");
     assert!(names.iter().all(|n| n.starts_with("joined-")), "{st}");
 }
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, headers + body text).
+fn http(base: &str, path: &str, key: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let hostport = base.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out)
+}
+
+#[test]
+fn serve_checks_api_keys_and_enforces_its_limits() {
+    // Beyond loopback without keys: refused before anything starts.
+    let o = Command::new(SHOAL)
+        .args(["serve", "--workers", "1", "--listen", "127.0.0.1:0", "--http", "0.0.0.0:0"])
+        .arg("--model")
+        .arg(model_path(SMOLLM2))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--api-key") && err.lines().count() == 1, "{err}");
+
+    let mut procs = Procs::default();
+    let flags = ["--workers", "1", "--api-key", "k1", "--max-concurrent-requests", "1", "--max-body-bytes", "4096"];
+    let (_, out, _) = serve(&mut procs, &flags);
+    let base = serving(out);
+    let body = r#"{"prompt": "Hello", "max_tokens": 2, "temperature": 0}"#;
+    let (st, text) = http(&base, "/v1/completions", None, body);
+    assert_eq!(st, 401, "{text}");
+    assert!(text.contains("\"code\":\"invalid_api_key\""), "{text}");
+    let (st, text) = http(&base, "/v1/completions", Some("nope"), body);
+    assert_eq!(st, 401, "{text}");
+    let (st, text) = http(&base, "/v1/completions", Some("k1"), body);
+    assert_eq!(st, 200, "{text}");
+    assert!(text.contains("\"completion_tokens\":2"), "{text}");
+    // Too large a body: 413, in OpenAI's error shape.
+    let big = format!(r#"{{"prompt": "{}", "max_tokens": 1}}"#, "a".repeat(5000));
+    let (st, text) = http(&base, "/v1/completions", Some("k1"), &big);
+    assert_eq!(st, 413, "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+    // One request generating at a time: a second one gets 429 with Retry-After.
+    let long = r#"{"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true}"#.to_string();
+    let b2 = base.clone();
+    let first = std::thread::spawn(move || http(&b2, "/v1/completions", Some("k1"), &long));
+    std::thread::sleep(Duration::from_millis(300));
+    let (st, text) = http(&base, "/v1/completions", Some("k1"), body);
+    assert_eq!(st, 429, "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after: 1"), "{text}");
+    let (st, text) = first.join().unwrap();
+    assert_eq!(st, 200);
+    assert!(text.contains("data: [DONE]"), "{text}");
+    // /health needs no key.
+    let hostport = base.trim_start_matches("http://").trim_end_matches("/v1").to_string();
+    let mut s = std::net::TcpStream::connect(&hostport).unwrap();
+    use std::io::{Read, Write};
+    write!(s, "GET /health HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut h = String::new();
+    s.read_to_string(&mut h).unwrap();
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+}

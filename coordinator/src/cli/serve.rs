@@ -51,11 +51,47 @@ pub struct ServeArgs {
     /// The model id of the API (default: the file name without `.gguf`).
     #[arg(long)]
     model_id: Option<String>,
+    /// An API key clients must send as `Authorization: Bearer KEY` (repeatable). Required
+    /// (this or --api-keys-file) unless --http is a loopback address.
+    #[arg(long = "api-key", env = "SHOAL_API_KEY", value_name = "KEY")]
+    api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` comments and blank lines ignored).
+    #[arg(long)]
+    api_keys_file: Option<PathBuf>,
+    /// Most requests generating at once; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_concurrent_requests: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
     #[command(flatten)]
     cluster: super::cluster::ClusterArgs,
 }
 
+/// The API keys from the flags and the keys file; an error when the API listens beyond
+/// loopback without any.
+fn api_keys(a: &ServeArgs) -> Result<Option<Arc<std::collections::HashSet<String>>>> {
+    let mut keys: std::collections::HashSet<String> = a.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+    if let Some(f) = &a.api_keys_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading API keys from {}", f.display()))?;
+        keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+    }
+    if !keys.is_empty() {
+        return Ok(Some(Arc::new(keys)));
+    }
+    let loopback = a
+        .http
+        .parse::<std::net::SocketAddr>()
+        .map(|s| s.ip().is_loopback())
+        .unwrap_or_else(|_| a.http.starts_with("localhost:"));
+    if !loopback {
+        anyhow::bail!("--http {} is not a loopback address: give --api-key or --api-keys-file", a.http);
+    }
+    Ok(None)
+}
+
 pub fn run(a: ServeArgs) -> Result<()> {
+    let keys = api_keys(&a)?;
     let path = a.model.canonicalize().with_context(|| a.model.display().to_string())?;
     if path.is_dir() {
         anyhow::bail!("{}: is a directory", path.display());
@@ -99,11 +135,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
             eprintln!("shoal: stage {} layers {:?}{}{}", w.addr, p.layers, if p.embed { " +embed" } else { "" }, if p.head { " +head" } else { "" });
         }
         let scheduler = Scheduler::start(pipeline, SchedulerConfig { max_seqs: a.max_seqs.max(1), ..SchedulerConfig::default() });
-        let state = ApiState { scheduler, tokenizer: Arc::clone(&tokenizer), chat: chat.clone(), model: model_id };
+        let state = ApiState {
+            scheduler,
+            tokenizer: Arc::clone(&tokenizer),
+            chat: chat.clone(),
+            model: model_id,
+            api_keys: keys,
+            slots: Arc::new(tokio::sync::Semaphore::new(a.max_concurrent_requests.max(1))),
+        };
+        let limits = api::Limits { max_body_bytes: a.max_body_bytes };
         let http = tokio::net::TcpListener::bind(&a.http).await.with_context(|| format!("listening on {}", a.http))?;
         reg.set_state("serving");
         super::print_stdout(&format!("serving on http://{}\n", http.local_addr()?))?;
-        axum::serve(http, api::router(state)).with_graceful_shutdown(shutdown()).await.context("serving HTTP")?;
+        axum::serve(http, api::router(state, limits)).with_graceful_shutdown(shutdown()).await.context("serving HTTP")?;
         eprintln!("shoal: shutting down");
         Ok::<_, anyhow::Error>(())
     });
