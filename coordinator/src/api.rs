@@ -58,6 +58,7 @@ pub fn router(state: ApiState, limits: Limits) -> axum::Router {
     let state = Arc::new(state);
     let v1 = axum::Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
@@ -147,6 +148,19 @@ async fn models(State(st): State<Arc<ApiState>>) -> Json<Value> {
         "object": "list",
         "data": [{"id": st.model, "object": "model", "created": 0, "owned_by": "shoal"}],
     }))
+}
+
+async fn model(State(st): State<Arc<ApiState>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    if id != st.model {
+        let mut e = ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model `{id}` does not exist; this server serves `{}`", st.model),
+        );
+        e.code = Some("model_not_found");
+        return e.into_response();
+    }
+    Json(json!({"id": st.model, "object": "model", "created": 0, "owned_by": "shoal"})).into_response()
 }
 
 /// `stop`: one string or a list.
@@ -319,7 +333,12 @@ fn now() -> u64 {
 }
 
 fn body<T: serde::de::DeserializeOwned>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    r.map(|Json(t)| t).map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))
+    // OpenAI answers 400 to any body it cannot use (axum says 422 for valid JSON of the
+    // wrong shape); 413 (too large) and 415 (not JSON) keep their status.
+    r.map(|Json(t)| t).map_err(|e| {
+        let status = if e.status() == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { e.status() };
+        ApiError::new(status, "invalid_request_error", e.body_text())
+    })
 }
 
 async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
@@ -533,7 +552,7 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
             if lp.is_some() && ts.len() > n_before {
                 lp_pending.push(t);
             }
-            for p in pending.drain(..) {
+            for p in pending.drain(..).filter(|p| !p.is_empty()) {
                 let mut ev = chunk_value(&p, None);
                 if lp.is_some() {
                     ev["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);
@@ -555,7 +574,7 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
             return;
         }
         let gen_ = ts.finish(&mut |s: &str| pending.push(s.to_string()));
-        for p in pending.drain(..) {
+        for p in pending.drain(..).filter(|p| !p.is_empty()) {
             let mut ev = chunk_value(&p, None);
             if lp.is_some() {
                 ev["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);

@@ -1,0 +1,187 @@
+//! The OpenAI-compatible API of `shoal serve` held to the official `openai` Python client:
+//! one real cluster (the coordinator and 2 local worker processes on SmolLM2) and the cases of
+//! `tests/clients/openai_suite.py` run against it: models, chat and completions whole and
+//! streamed, stop strings, `max_tokens`, seeds, logprobs, errors in OpenAI's shape, and 32
+//! concurrent streams that must each equal the same request run alone.
+//!
+//! One test runs the functional cases on one cluster (loading it costs more than most cases);
+//! a failing case is reported with its request and response and the others still run. The
+//! concurrency case, the longest, runs on a cluster of its own beside it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The key the served API requires (so the suite also checks 401 for a wrong one).
+const API_KEY: &str = "test-key-1";
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// The cases of the suite but `concurrency`, in its order; each must report `ok` or `SKIP`.
+const CASES: [&str; 16] = [
+    "models",
+    "chat",
+    "chat_stream",
+    "completions",
+    "stop",
+    "max_tokens",
+    "seed",
+    "logprobs_chat",
+    "logprobs_completions",
+    "error_malformed_json",
+    "error_invalid_body",
+    "error_unknown_model",
+    "error_temperature",
+    "error_oversized_prompt",
+    "n_choices",
+    "api_key",
+];
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
+    })
+}
+
+fn model_path(name: &str) -> PathBuf {
+    let p = models_dir().join(name);
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
+    p
+}
+
+/// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
+#[derive(Default)]
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads stdout lines of `child` until one starts with `prefix`; returns the rest of it.
+fn wait_line(out: &mut impl BufRead, prefix: &str, what: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(n > 0, "{what} ended before printing {prefix:?}");
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            return rest.trim().to_string();
+        }
+    }
+}
+
+/// Starts `shoal serve` with 2 local workers and waits until it serves; returns the API's
+/// base URL.
+fn serve(procs: &mut Procs) -> String {
+    let mut child = Command::new(SHOAL)
+        .args(["serve", "--workers", "2", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--api-key", API_KEY])
+        .args(["--threads", "1", "--ctx", "1024", "--model"])
+        .arg(model_path(SMOLLM2))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    procs.0.push(child);
+    let http = wait_line(&mut out, "serving on", "shoal serve");
+    // Keep reading stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in out.lines() {});
+    format!("{http}/v1")
+}
+
+/// What the suite said of each case: `ok`, `SKIP: why` or `FAIL: what`.
+#[derive(Debug)]
+enum Outcome {
+    Ok,
+    Skip(String),
+    Fail(String),
+}
+
+/// Runs the suite's `cases` with `--keep-going`, echoing its output; returns
+/// each reported case with its outcome, in order.
+fn run_suite(base: &str, cases: &[&str]) -> Vec<(String, Outcome)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_suite.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(["--base", base, "--model", SMOLLM2.trim_end_matches(".gguf"), "--shoal", SHOAL, "--api-key", API_KEY])
+        .arg("--model-path")
+        .arg(model_path(SMOLLM2))
+        .arg("--keep-going")
+        .args(cases)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (with the `openai` package: scripts/install-deps installs it)");
+    let mut got: Vec<(String, Outcome)> = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        eprintln!("{line}");
+        if let Some(rest) = line.strip_prefix("ok ") {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            got.push((name.to_string(), Outcome::Ok));
+        } else if let Some((name, why)) =
+            line.strip_prefix("SKIP ").and_then(|r| r.split_once(": "))
+        {
+            got.push((name.to_string(), Outcome::Skip(why.to_string())));
+        } else if let Some((name, what)) =
+            line.strip_prefix("FAIL ").and_then(|r| r.split_once(": "))
+        {
+            got.push((name.to_string(), Outcome::Fail(what.to_string())));
+        } else if let Some((_, Outcome::Fail(what))) = got.last_mut() {
+            // The request and response lines of a failure.
+            what.push('\n');
+            what.push_str(&line);
+        }
+    }
+    let status = child.wait().unwrap();
+    let failed = got.iter().any(|(_, o)| matches!(o, Outcome::Fail(_)));
+    assert!(
+        status.success() || failed,
+        "the suite exited with {status} without reporting a failed case (is the `openai` package \
+         installed? scripts/install-deps installs it)"
+    );
+    got
+}
+
+/// Starts a cluster, runs `cases` on it and fails with the report of each failed case.
+fn suite_passes(cases: &[&str]) {
+    let t0 = Instant::now();
+    let mut procs = Procs::default();
+    let base = serve(&mut procs);
+    eprintln!("shoal serve with 2 workers up in {:?}", t0.elapsed());
+    let got = run_suite(&base, cases);
+    eprintln!("{:?} in all", t0.elapsed());
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, cases, "the suite did not report every case once");
+    for (name, o) in &got {
+        if let Outcome::Skip(why) = o {
+            eprintln!("skipped {name}: {why}");
+        }
+    }
+    let failed: Vec<String> = got
+        .iter()
+        .filter_map(|(name, o)| match o {
+            Outcome::Fail(what) => Some(format!("{name}: {what}")),
+            Outcome::Ok | Outcome::Skip(_) => None,
+        })
+        .collect();
+    assert!(failed.is_empty(), "{} case(s) failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+#[test]
+fn openai_client_gets_the_shapes_it_expects_from_serve_with_2_workers() {
+    suite_passes(&CASES);
+}
+
+/// 32 clients at once, each streaming 64 greedy tokens: every request completes, none is lost
+/// or duplicated, and each equals the same request run alone. A cluster of its own, so that
+/// it runs beside the other test.
+#[test]
+fn thirty_two_concurrent_streams_equal_the_same_requests_one_at_a_time() {
+    suite_passes(&["concurrency"]);
+}
