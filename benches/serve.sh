@@ -134,8 +134,7 @@ trap 'exit 130' INT TERM
 
 # A free TCP port on 127.0.0.1 (free now; the server binds it right after).
 free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])'
+    python3 -c 'import socket; s=socket.socket();s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
 # Runs "$@" with stdout to $1 and stderr to $2, in the background and waited for: bash runs
