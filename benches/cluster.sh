@@ -79,13 +79,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-model_file() {
-    case "$1" in
-        smollm2) echo "SmolLM2-135M-Instruct.Q4_1.gguf" ;;
-        qwen) echo "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" ;;
-        *) echo "unknown model '$1' (smollm2, qwen)" >&2; exit 2 ;;
-    esac
-}
+# shellcheck source=benches/lib.sh disable=SC2119
+source "$ROOT/benches/lib.sh"
 
 log() { echo "[cluster] $*" >&2; }
 die() { echo "cluster.sh: $*" >&2; exit 1; }
@@ -94,26 +89,6 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 PIDS=()
 CHILD=""
 PREFIX=""
-# Succeeds while process $1 runs (exited but unreaped children count as gone).
-alive() {
-    local st
-    st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
-    [[ -n "$st" && "$st" != Z ]]
-}
-stop_pids() {
-    [[ ${#PIDS[@]} -gt 0 ]] || return 0
-    kill -TERM "${PIDS[@]}" 2>/dev/null || true
-    local p left
-    for _ in $(seq 30); do
-        left=0
-        for p in "${PIDS[@]}"; do if alive "$p"; then left=1; fi; done
-        [[ "$left" == 1 ]] || break
-        sleep 0.1
-    done
-    kill -KILL "${PIDS[@]}" 2>/dev/null || true
-    wait "${PIDS[@]}" 2>/dev/null || true
-    PIDS=()
-}
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -126,10 +101,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A free TCP port on 127.0.0.1 (free now; the server binds it right after).
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 # Waits until something listens on $2:$3 in namespace $1 ("" = this one); $4 = pid to watch.
 wait_listen() {
@@ -150,17 +121,6 @@ ns_prefix() {
     if [[ -n "$1" ]]; then NSP=(ip netns exec "$1"); fi
 }
 
-# Runs "$@" with stdout to $1 and stderr to $2, in the background and waited for: bash runs
-# traps only between foreground commands, so this way a signal ends the run at once.
-run_waited() {
-    local out="$1" err="$2" rc=0
-    shift 2
-    "$@" > "$out" 2> "$err" &
-    CHILD=$!
-    wait "$CHILD" || rc=$?
-    CHILD=""
-    return "$rc"
-}
 
 # Without netem, starts a delay proxy in namespace $1 (PREFIX-wI) on port $3 in front of port $4
 # of address $2 (logs: $OUT/$5.*), and sets PROXIED to its endpoint; with netem (or no delay)
@@ -247,13 +207,7 @@ llama_rpc_bench() {
 }
 
 if [[ "$LLAMA_ONLY" == 0 ]]; then
-    if [[ -n "${SHOAL_BIN:-}" ]]; then
-        log "using SHOAL_BIN=$SHOAL_BIN (not building)"
-    else
-        log "building shoal (release)"
-        (cd "$ROOT" && cargo build --release -p shoal-coordinator >&2)
-        SHOAL_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/shoal"
-    fi
+    shoal_bin
     help="$("$SHOAL_BIN" bench --help)"
     for flag in --workers --worker --concurrency; do
         grep -q -- "$flag " <<< "$help" || die "this shoal has no 'shoal bench $flag' yet \
@@ -285,12 +239,8 @@ if [[ "$USE_NETNS" == 1 ]]; then
     else
         MECH=proxy
         # The proxy is a shoal subcommand: --llama-only still needs a shoal binary for it.
-        PROXY_BIN="${SHOAL_BIN:-}"
-        if [[ -z "$PROXY_BIN" ]]; then
-            log "no netem in this kernel: building shoal (release) for its delay-proxy"
-            (cd "$ROOT" && cargo build --release -p shoal-coordinator >&2)
-            PROXY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/shoal"
-        fi
+        shoal_bin
+        PROXY_BIN="$SHOAL_BIN"
         log "no netem in this kernel: the netns links get the rate limit (tbf) and the delay $DELAY \
 comes from shoal delay-proxy in front of every worker and rpc-server"
     fi

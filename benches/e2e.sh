@@ -40,20 +40,13 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-model_file() {
-    case "$1" in
-        smollm2) echo "SmolLM2-135M-Instruct.Q4_1.gguf" ;;
-        qwen) echo "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" ;;
-        *) echo "unknown model '$1' (smollm2, qwen)" >&2; exit 2 ;;
-    esac
-}
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 log() { echo "[e2e] $*" >&2; }
 
 if [[ "$LLAMA_ONLY" == 0 ]]; then
-    log "building shoal (release)"
-    (cd "$ROOT" && cargo build --release -p shoal-coordinator >&2)
-    SHOAL_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/shoal"
+    shoal_bin
 fi
 log "ensuring llama.cpp is built"
 BIN_DIR="$("$ROOT/scripts/llama-cpp/build.sh")"
