@@ -50,6 +50,25 @@ pub fn hello(node_name: impl Into<String>) -> v1::HelloRequest {
     }
 }
 
+/// An error and its sources on one line: a tonic transport error alone says only "transport
+/// error", the cause ("Connection refused") is in its sources. Repeats of the same message by
+/// nested layers are dropped.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut last = s.clone();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if m != last {
+            s += ": ";
+            s += &m;
+        }
+        last = m;
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

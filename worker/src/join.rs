@@ -59,7 +59,7 @@ pub async fn join_loop(coordinator: String, advertise: String, node_name: String
                 None => {
                     let ch = crate::service::connect(&coordinator)
                         .await
-                        .map_err(|e| tonic::Status::unavailable(crate::service::error_chain(&e)))?;
+                        .map_err(|e| tonic::Status::unavailable(shoal_proto::error_chain(&e)))?;
                     client.insert(CoordinatorClient::new(ch))
                 }
             };

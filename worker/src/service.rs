@@ -164,7 +164,7 @@ impl Inner {
                 Some((a, c)) if a == addr => c,
                 _ => {
                     *slot = None;
-                    let ch = connect(addr).await.map_err(|e| error_chain(&e))?;
+                    let ch = connect(addr).await.map_err(|e| shoal_proto::error_chain(&e))?;
                     let mut c = WorkerClient::new(ch);
                     // Untimed: the first call may still be setting the connection up.
                     c.health(v1::HealthRequest {}).await.map_err(|s| s.message().to_string())?;
@@ -190,24 +190,6 @@ impl Inner {
 
 /// Longest Stats waits for the next stage's Health.
 pub const NEXT_STAGE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// An error and its sources on one line (a transport error alone says only "transport error").
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut last = s.clone();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        // Some layers repeat their source's message ("tcp connect error: tcp connect error").
-        let m = c.to_string();
-        if m != last {
-            s += ": ";
-            s += &m;
-        }
-        last = m;
-        cur = c.source();
-    }
-    s
-}
 
 fn codec_of(d: i32) -> Result<Codec> {
     match v1::ActivationDtype::try_from(d) {

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use shoal_coordinator::cluster::registry::error_chain;
 use shoal_proto::v1::{self, coordinator_client::CoordinatorClient};
 
 /// Longest wait for the coordinator to accept the connection.
@@ -41,7 +40,7 @@ async fn fetch(addr: &str) -> Result<v1::ClusterStatus> {
         .timeout(CALL_TIMEOUT)
         .connect()
         .await
-        .map_err(|e| unreachable(error_chain(&e)))?;
+        .map_err(|e| unreachable(shoal_proto::error_chain(&e)))?;
     let st = CoordinatorClient::new(ch)
         .status(v1::StatusRequest {})
         .await

@@ -1,10 +1,12 @@
 //! The coordinator's side of the pipeline-parallel cluster.
 //!
-//! [`planner`] assigns contiguous layer ranges to workers, [`pipeline`] talks to them over
-//! `shoal.v1` (Hello, Inventory, LoadShard, one Forward stream per request into the first
-//! stage) and runs the generation loop, [`local`] starts worker processes on loopback for
-//! `shoal run --workers N`. This module talks to workers only through `shoal-proto`; it must
-//! not call `shoal-worker` code.
+//! [`planner`] assigns contiguous layer ranges to workers, [`pipeline`] connects to them
+//! over `shoal.v1` (Hello, Inventory, LoadShard), [`scheduler`] runs the generation loop
+//! (one Forward stream into the first stage, micro-batches in flight), [`registry`] is the
+//! `shoal.v1.Coordinator` service workers join, and [`local`] starts worker processes on
+//! loopback for `--workers N`. Workers are reached only over the network; from
+//! `shoal-worker` this module reuses just the channel settings (`service::connect`) and the
+//! wire form of sampling parameters (`service::params_to_wire`), so both ends agree.
 
 pub mod local;
 pub mod pipeline;

@@ -53,7 +53,7 @@ pub async fn connect(addr: &str) -> Result<Worker> {
     // The same channel settings (timeouts, keepalives) as between stages.
     let ch = shoal_worker::service::connect(addr)
         .await
-        .map_err(|e| conn(format!("{e}: {}", source_chain(&e))))?;
+        .map_err(|e| conn(shoal_proto::error_chain(&e)))?;
     let mut client = WorkerClient::new(ch)
         .max_decoding_message_size(shoal_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(shoal_proto::MAX_MESSAGE_BYTES);
@@ -70,19 +70,6 @@ pub async fn connect(addr: &str) -> Result<Worker> {
     }
     let inventory = client.get_inventory(v1::InventoryRequest {}).await.map_err(|s| conn(s.message().to_string()))?.into_inner();
     Ok(Worker { addr: addr.to_string(), hello, inventory, client })
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = String::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &c.to_string();
-        cur = c.source();
-        if cur.is_some() {
-            s += ": ";
-        }
-    }
-    s
 }
 
 impl Worker {

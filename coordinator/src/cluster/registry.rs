@@ -313,7 +313,7 @@ impl Registry {
         let mut c = match client {
             Some(c) => c,
             None => {
-                let ch = shoal_worker::service::connect(addr).await.map_err(|e| error_chain(&e))?;
+                let ch = shoal_worker::service::connect(addr).await.map_err(|e| shoal_proto::error_chain(&e))?;
                 let mut c = WorkerClient::new(ch);
                 // Untimed: the first call may still be setting the connection up.
                 c.health(v1::HealthRequest {}).await.map_err(|s| s.message().to_string())?;
@@ -374,23 +374,5 @@ pub async fn serve_registry(listener: tokio::net::TcpListener, registry: Registr
         .add_service(registry.service())
         .serve_with_incoming(incoming)
         .await
-        .map_err(|e| Error::Serve(error_chain(&e)))
-}
-
-/// An error and its sources on one line (a transport error alone says only "transport error").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut last = s.clone();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        // Some layers repeat their source's message ("tcp connect error: tcp connect error").
-        let m = c.to_string();
-        if m != last {
-            s += ": ";
-            s += &m;
-        }
-        last = m;
-        cur = c.source();
-    }
-    s
+        .map_err(|e| Error::Serve(shoal_proto::error_chain(&e)))
 }
