@@ -84,13 +84,10 @@ async fn authenticate(
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         if !given.is_some_and(|k| keys.contains(k)) {
-            let mut e = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                if given.is_some() { "incorrect API key provided".into() } else { "no API key provided (Authorization: Bearer KEY)".into() },
-            );
-            e.code = Some("invalid_api_key");
-            return e.into_response();
+            let msg = if given.is_some() { "incorrect API key provided" } else { "no API key provided (Authorization: Bearer KEY)" };
+            return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", msg.into())
+                .with_code("invalid_api_key")
+                .into_response();
         }
     }
     next.run(req).await
@@ -109,6 +106,11 @@ pub struct ApiError {
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: String) -> ApiError {
         ApiError { status, kind, message, param: None, code: None }
+    }
+
+    fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
     }
 
     fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
@@ -152,13 +154,8 @@ async fn models(State(st): State<Arc<ApiState>>) -> Json<Value> {
 
 async fn model(State(st): State<Arc<ApiState>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
     if id != st.model {
-        let mut e = ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("the model `{id}` does not exist; this server serves `{}`", st.model),
-        );
-        e.code = Some("model_not_found");
-        return e.into_response();
+        let msg = format!("the model `{id}` does not exist; this server serves `{}`", st.model);
+        return ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg).with_code("model_not_found").into_response();
     }
     Json(json!({"id": st.model, "object": "model", "created": 0, "owned_by": "shoal"})).into_response()
 }
@@ -221,15 +218,12 @@ struct ChatRequest {
     common: Common,
 }
 
-/// What a request wants of log-probabilities: `Some(alternatives)` or none.
+/// What a request wants of log-probabilities: `Some(alternatives)` or none. `top`, named
+/// `param`, is checked against `max`.
 fn want_logprobs(on: bool, top: Option<u32>, max: u32, param: &'static str) -> Result<Option<usize>, ApiError> {
-    match (on, top) {
-        (_, Some(t)) if t > max => Err(ApiError::bad(param, format!("{param} must be at most {max}, got {t}"))),
-        (false, Some(_)) if param == "top_logprobs" => {
-            Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"))
-        }
-        (true, t) => Ok(Some(t.unwrap_or(0) as usize)),
-        (false, _) => Ok(None),
+    match top {
+        Some(t) if t > max => Err(ApiError::bad(param, format!("{param} must be at most {max}, got {t}"))),
+        _ => Ok(on.then(|| top.unwrap_or(0) as usize)),
     }
 }
 
@@ -394,6 +388,9 @@ async fn chat_completions(State(st): State<Arc<ApiState>>, req: Result<Json<Chat
         let text = chat.render(&messages, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
         // The template writes BOS itself when the model wants one.
         let prompt = st.tokenizer.encode(&text, false, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        if !req.logprobs && req.top_logprobs.is_some() {
+            return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"));
+        }
         let lp = want_logprobs(req.logprobs, req.top_logprobs, 20, "top_logprobs")?;
         let g = req.common.request(&st, prompt, None)?;
         run(st.clone(), g, req.common.stream, Kind::Chat, lp).await
@@ -410,10 +407,6 @@ enum Kind {
 
 fn usage(n_prompt: usize, n_gen: usize) -> Value {
     json!({"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen})
-}
-
-fn finish_str(f: FinishReason) -> &'static str {
-    f.as_str()
 }
 
 /// Runs one generation and answers it whole or as a stream.
@@ -466,13 +459,8 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
     let n_prompt = g.prompt_tokens.len();
     // Held until the answer is complete (streamed ones included).
     let permit = Arc::clone(&st.slots).try_acquire_owned().map_err(|_| {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_exceeded",
-            "the server is at its limit of concurrent requests; retry shortly".into(),
-        );
-        e.code = Some("rate_limit_exceeded");
-        e
+        let msg = "the server is at its limit of concurrent requests; retry shortly";
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", msg.into()).with_code("rate_limit_exceeded")
     })?;
     if g.max_tokens == 0 {
         let out = whole(kind, &id, created, &st.model, "", FinishReason::Length, usage(n_prompt, 0));
@@ -510,34 +498,15 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
         return Ok(Json(out).into_response());
     }
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let model = st.model.clone();
     tokio::spawn(async move {
         let _permit = permit;
-        let chunk_json = |delta: Value, finish: Option<&str>| -> Value {
-            match kind {
-                Kind::Completion => json!({
-                    "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}],
-                }),
-                Kind::Chat => json!({
-                    "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-                }),
-            }
-        };
-        let chunk_value = |t: &str, finish: Option<&str>| match kind {
-            Kind::Completion => chunk_json(json!(t), finish),
-            Kind::Chat => chunk_json(json!({"content": t}), finish),
-        };
-        let first = chunk_json(json!({"role": "assistant", "content": ""}), None);
-        if kind == Kind::Chat && tx.send(Ok(Event::default().data(first.to_string()))).await.is_err() {
+        let mut ch = Chunks { kind, id, created, model: st.model.clone(), lp: lp.is_some(), lp_pending: Vec::new(), sent: 0 };
+        let send = |v: Value| tx.send(Ok(Event::default().data(v.to_string())));
+        if kind == Kind::Chat && send(ch.json(json!({"role": "assistant", "content": ""}), None)).await.is_err() {
             return;
         }
         let mut ts = TokenStream::new(&st.tokenizer, &g);
         let mut pending: Vec<String> = Vec::new();
-        // Log-probabilities of tokens not yet sent, and the text length sent so far.
-        let mut lp_pending: Vec<Sampled> = Vec::new();
-        let mut sent_len = 0usize;
         let mut failed = None;
         while let Some(t) = rx.recv().await {
             let t = match t {
@@ -549,17 +518,11 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
             };
             let n_before = ts.len();
             let go = ts.push(t.token, &mut |s: &str| pending.push(s.to_string()));
-            if lp.is_some() && ts.len() > n_before {
-                lp_pending.push(t);
+            if ts.len() > n_before {
+                ch.accepted(t);
             }
             for p in pending.drain(..).filter(|p| !p.is_empty()) {
-                let mut ev = chunk_value(&p, None);
-                if lp.is_some() {
-                    ev["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);
-                    lp_pending.clear();
-                }
-                sent_len += p.len();
-                if tx.send(Ok(Event::default().data(ev.to_string()))).await.is_err() {
+                if send(ch.text(&st.tokenizer, &p)).await.is_err() {
                     return; // the client is gone; dropping rx ends the sequence
                 }
             }
@@ -570,50 +533,100 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
         drop(rx);
         if let Some(e) = failed {
             let err = json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": null}});
-            let _ = tx.send(Ok(Event::default().data(err.to_string()))).await;
+            let _ = send(err).await;
             return;
         }
         let gen_ = ts.finish(&mut |s: &str| pending.push(s.to_string()));
         for p in pending.drain(..).filter(|p| !p.is_empty()) {
-            let mut ev = chunk_value(&p, None);
-            if lp.is_some() {
-                ev["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);
-                lp_pending.clear();
-            }
-            sent_len += p.len();
-            if tx.send(Ok(Event::default().data(ev.to_string()))).await.is_err() {
+            if send(ch.text(&st.tokenizer, &p)).await.is_err() {
                 return;
             }
         }
-        // The usage of the whole request rides on the last chunk.
-        let mut v: Value = match kind {
-            Kind::Completion => json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": finish_str(gen_.finish)}]}),
-            Kind::Chat => json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_str(gen_.finish)}]}),
-        };
-        v["usage"] = usage(n_prompt, gen_.tokens.len());
-        if lp.is_some() && !lp_pending.is_empty() {
-            v["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &lp_pending, sent_len);
-        }
-        if tx.send(Ok(Event::default().data(v.to_string()))).await.is_ok() {
+        let last = ch.last(&st.tokenizer, gen_.finish, usage(n_prompt, gen_.tokens.len()));
+        if send(last).await.is_ok() {
             let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         }
     });
     Ok(Sse::new(ReceiverStream::new(events)).into_response())
 }
 
+/// The chunks of one streamed answer, in OpenAI's shape for its kind. With logprobs, each
+/// text chunk carries those of the tokens accepted since the previous one.
+struct Chunks {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    lp: bool,
+    lp_pending: Vec<Sampled>,
+    /// Text length sent so far (the completions `text_offset` of the next token).
+    sent: usize,
+}
+
+impl Chunks {
+    fn json(&self, delta: Value, finish: Option<&str>) -> Value {
+        let (id, created, model) = (&self.id, self.created, &self.model);
+        match self.kind {
+            Kind::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}],
+            }),
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            }),
+        }
+    }
+
+    /// A token the completion kept.
+    fn accepted(&mut self, t: Sampled) {
+        if self.lp {
+            self.lp_pending.push(t);
+        }
+    }
+
+    fn take_logprobs(&mut self, v: &mut Value, tok: &Tokenizer) {
+        if self.lp && !self.lp_pending.is_empty() {
+            v["choices"][0]["logprobs"] = logprobs_json(tok, self.kind, &self.lp_pending, self.sent);
+            self.lp_pending.clear();
+        }
+    }
+
+    fn text(&mut self, tok: &Tokenizer, t: &str) -> Value {
+        let delta = match self.kind {
+            Kind::Completion => json!(t),
+            Kind::Chat => json!({"content": t}),
+        };
+        let mut v = self.json(delta, None);
+        self.take_logprobs(&mut v, tok);
+        self.sent += t.len();
+        v
+    }
+
+    /// The finish chunk; the usage of the whole request rides on it.
+    fn last(&mut self, tok: &Tokenizer, finish: FinishReason, usage: Value) -> Value {
+        let empty = match self.kind {
+            Kind::Completion => json!(""),
+            Kind::Chat => json!({}),
+        };
+        let mut v = self.json(empty, Some(finish.as_str()));
+        v["usage"] = usage;
+        self.take_logprobs(&mut v, tok);
+        v
+    }
+}
+
 fn whole(kind: Kind, id: &str, created: u64, model: &str, text: &str, finish: FinishReason, usage: Value) -> Value {
     match kind {
         Kind::Completion => json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_str(finish)}],
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str()}],
             "usage": usage,
         }),
         Kind::Chat => json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null,
-                         "finish_reason": finish_str(finish)}],
+                         "finish_reason": finish.as_str()}],
             "usage": usage,
         }),
     }
