@@ -7,20 +7,15 @@ use std::process::{Command, Output};
 use shoal_model::gguf::{Array, Builder, Value};
 use shoal_kernels::GgmlType;
 
+mod common;
+use common::{SMOLLM2, model_path};
+
 fn shoal() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
 }
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
-    })
-}
-
 fn smollm2() -> PathBuf {
-    let p = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
-    p
+    model_path(SMOLLM2)
 }
 
 fn tmp(name: &str) -> PathBuf {

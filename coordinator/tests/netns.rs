@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+mod common;
+use common::{QWEN, SHOAL, SMOLLM2, model_path, models_dir};
+
 /// One way, host to host (so a round trip takes two).
 const DELAY_MS: f64 = 0.5;
 const RATE_BITS: f64 = 1e9;
@@ -40,24 +41,8 @@ const PREFIX: &str = "shoalt";
 /// Longest any one command may take before the test kills it and fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models"))
-}
-
-fn model_path(name: &str) -> PathBuf {
-    let p = models_dir().join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
-    p
-}
-
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/netns-cluster")
-}
-
-fn shoal() -> &'static str {
-    env!("CARGO_BIN_EXE_shoal")
 }
 
 /// Why this machine cannot run the test, if it cannot.
@@ -247,14 +232,14 @@ impl Cluster {
             let host = format!("w{i}");
             let listen = format!("{}:{WORKER_PORT}", self.addr(&host));
             let mut cmd = Command::new(script());
-            cmd.args(["exec", &self.prefix, &host, shoal(), "worker", "--exit-with-parent"])
+            cmd.args(["exec", &self.prefix, &host, SHOAL, "worker", "--exit-with-parent"])
                 .args(["--listen", &listen, "--name", &host, "--models-dir"])
                 .arg(models_dir());
             let addr = self.spawn(&host, cmd);
             assert_eq!(addr, listen, "worker {host} bound elsewhere");
             if self.delay_by == DelayBy::Proxy {
                 let mut cmd = Command::new(script());
-                cmd.env("SHOAL_BIN", shoal())
+                cmd.env("SHOAL_BIN", SHOAL)
                     .args(["proxy", &self.prefix, &host, &PROXY_PORT.to_string(), &WORKER_PORT.to_string()])
                     .args(["--delay", &format!("{DELAY_MS}ms"), "--exit-with-parent"]);
                 let proxy = self.spawn(&format!("{host}-proxy"), cmd);
@@ -413,11 +398,11 @@ fn run_args(model: &Path, prompt: &str) -> Vec<String> {
 fn check_model(c: &Cluster, name: &str, prompt: &str) {
     let model = model_path(name);
     let t0 = Instant::now();
-    let single = output_within(Command::new(shoal()).args(run_args(&model, prompt)));
+    let single = output_within(Command::new(SHOAL).args(run_args(&model, prompt)));
     assert!(single.status.success(), "single process: {}", String::from_utf8_lossy(&single.stderr));
     let t1 = Instant::now();
     let mut cmd = Command::new(script());
-    cmd.args(["exec", &c.prefix, "c", shoal()]).args(run_args(&model, prompt));
+    cmd.args(["exec", &c.prefix, "c", SHOAL]).args(run_args(&model, prompt));
     for addr in &c.stages {
         cmd.args(["--worker", addr]);
     }

@@ -9,14 +9,15 @@
 //! concurrency case, the longest, runs on a cluster of its own beside it.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+mod common;
+use common::{Procs, SHOAL, SMOLLM2, model_path, serving};
+
 /// The key the served API requires (so the suite also checks 401 for a wrong one).
 const API_KEY: &str = "test-key-1";
-const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
 /// The cases of the suite but `concurrency`, in its order; each must report `ok` or `SKIP`.
 const CASES: [&str; 16] = [
@@ -38,61 +39,11 @@ const CASES: [&str; 16] = [
     "api_key",
 ];
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
-    })
-}
-
-fn model_path(name: &str) -> PathBuf {
-    let p = models_dir().join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
-    p
-}
-
-/// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
-#[derive(Default)]
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Reads stdout lines of `child` until one starts with `prefix`; returns the rest of it.
-fn wait_line(out: &mut impl BufRead, prefix: &str, what: &str) -> String {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "{what} ended before printing {prefix:?}");
-        if let Some(rest) = line.trim().strip_prefix(prefix) {
-            return rest.trim().to_string();
-        }
-    }
-}
-
 /// Starts `shoal serve` with 2 local workers and waits until it serves; returns the API's
 /// base URL.
 fn serve(procs: &mut Procs) -> String {
-    let mut child = Command::new(SHOAL)
-        .args(["serve", "--workers", "2", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--api-key", API_KEY])
-        .args(["--threads", "1", "--ctx", "1024", "--model"])
-        .arg(model_path(SMOLLM2))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    procs.0.push(child);
-    let http = wait_line(&mut out, "serving on", "shoal serve");
-    // Keep reading stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in out.lines() {});
-    format!("{http}/v1")
+    let flags = ["--workers", "2", "--threads", "1", "--ctx", "1024", "--api-key", API_KEY];
+    serving(common::serve(procs, &flags).1)
 }
 
 /// What the suite said of each case: `ok`, `SKIP: why` or `FAIL: what`.

@@ -4,7 +4,7 @@
 //! compared at every position under teacher forcing), also with many sequences batched at
 //! once; bad frames, foreign protocol majors and killed workers must fail cleanly and quickly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shoal_coordinator::cluster::local::LocalCluster;
@@ -16,24 +16,13 @@ use shoal_model::gguf::GgufFile;
 use shoal_model::sampling::{SamplingParams, argmax, logprobs};
 use shoal_proto::v1::{self, worker_client::WorkerClient};
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+mod common;
+use common::{QWEN, SMOLLM2, model_path, models_dir};
+
 /// Threads and context of both the reference engine and every worker: attention rounds
 /// like llama.cpp for this (n_ctx, n_threads), so they must agree for bit-exact logits.
 const THREADS: usize = 2;
 const N_CTX: usize = 512;
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
-    })
-}
-
-fn model_path(name: &str) -> PathBuf {
-    let p = models_dir().join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
-    p
-}
 
 fn start(n: usize) -> LocalCluster {
     LocalCluster::start(Path::new(env!("CARGO_BIN_EXE_shoal")), n, &models_dir()).expect("starting workers")

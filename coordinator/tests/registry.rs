@@ -4,7 +4,6 @@
 //! must show each stage's layers, counters and round trips after a real generation.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,20 +13,11 @@ use shoal_kernels::codec::Codec;
 use shoal_model::gguf::GgufFile;
 use shoal_proto::v1::{self, coordinator_client::CoordinatorClient, coordinator_server, worker_client::WorkerClient};
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
-    })
-}
-
-fn model_path(name: &str) -> PathBuf {
-    let p = models_dir().join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
-    p
-}
+mod common;
+use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
+use shoal_model::engine::GenerateRequest;
+use shoal_model::sampling::SamplingParams;
+use common::{SHOAL, SMOLLM2, model_path, models_dir};
 
 /// Worker processes, killed and reaped when dropped (also when a test panics).
 #[derive(Default)]
@@ -246,34 +236,6 @@ async fn a_worker_keeps_trying_until_the_coordinator_comes_up() {
     assert_eq!(got[0].addr, w);
 }
 
-/// Greedy steps through stage 0 over one raw Forward stream: a prefill of `prompt`, then
-/// `n - 1` decode steps. Returns the sampled tokens.
-async fn greedy_tokens(stage0: &str, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut c = WorkerClient::connect(format!("http://{stage0}")).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut results = c.forward(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let seq = 7;
-    let mut input = prompt.to_vec();
-    let mut out = Vec::new();
-    for step in 0..n as u64 {
-        let starts = if step == 0 { vec![v1::SeqStart { seq, sampling: None, history: prompt.to_vec() }] } else { vec![] };
-        let frame = v1::ForwardFrame {
-            route: 0,
-            step,
-            chunks: vec![v1::Chunk { seq, n_tokens: input.len() as u32, sample: true }],
-            starts,
-            input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids: std::mem::take(&mut input) })),
-        };
-        tx.send(frame).await.unwrap();
-        let r = results.message().await.unwrap().expect("one result per frame");
-        assert_eq!(r.step, step);
-        let t = r.tokens[0].token;
-        out.push(t);
-        input = vec![t];
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoal_status_shows_both_stages_after_a_generation() {
     let (registry, addr) = start_registry("status-test").await;
@@ -300,7 +262,15 @@ async fn shoal_status_shows_both_stages_after_a_generation() {
     assert_eq!(plan.len(), 2);
     registry.set_plan(plan.clone());
     registry.set_state("serving");
-    let tokens = greedy_tokens(&plan[0].addr, &[1, 504, 3575, 282, 4649, 314], 6).await;
+    let sched = Scheduler::start(p, SchedulerConfig::default());
+    let req = GenerateRequest {
+        prompt_tokens: vec![1, 504, 3575, 282, 4649, 314],
+        params: SamplingParams::greedy(),
+        max_tokens: 6,
+        stop: vec![],
+        stop_at_eog: false,
+    };
+    let tokens = sched.sample_loop(&req, false, |_, _| true).await.unwrap();
     assert_eq!(tokens.len(), 6);
 
     let t = Instant::now();

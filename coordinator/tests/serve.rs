@@ -1,79 +1,16 @@
 //! `shoal serve` end to end: real worker processes (local or joined through the registry),
 //! the real `openai` Python client sending concurrent requests, `shoal status`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+mod common;
+use common::{Procs, SHOAL, SMOLLM2, model_path, models_dir, serving};
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
-    })
-}
-
-fn model_path(name: &str) -> PathBuf {
-    let p = models_dir().join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
-    p
-}
-
-/// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
-#[derive(Default)]
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Reads stdout lines of `child` until one starts with `prefix`; returns the rest of it.
-fn wait_line(out: &mut impl BufRead, prefix: &str, what: &str) -> String {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "{what} ended before printing {prefix:?}");
-        if let Some(rest) = line.trim().strip_prefix(prefix) {
-            return rest.trim().to_string();
-        }
-    }
-}
-
-type Out = BufReader<std::process::ChildStdout>;
-
-/// Starts `shoal serve` with `extra` flags; returns (registry addr, its stdout, pid) once
-/// the registry listens.
-fn serve(procs: &mut Procs, extra: &[&str]) -> (String, Out, u32) {
-    let mut child = Command::new(SHOAL)
-        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--threads", "1", "--ctx", "512"])
-        .arg("--model")
-        .arg(model_path(SMOLLM2))
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let pid = child.id();
-    procs.0.push(child);
-    let reg = wait_line(&mut out, "registry on", "shoal serve");
-    (reg, out, pid)
-}
-
-/// Waits until `shoal serve` has loaded the model; returns the API's base URL.
-fn serving(mut out: Out) -> String {
-    let http = wait_line(&mut out, "serving on", "shoal serve");
-    // Keep reading stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in out.lines() {});
-    format!("{http}/v1")
+/// `shoal serve` with 1 thread per worker and a 512-token context, plus `extra`.
+fn serve(procs: &mut Procs, extra: &[&str]) -> (String, common::Out, u32) {
+    common::serve(procs, &[&["--threads", "1", "--ctx", "512"], extra].concat())
 }
 
 /// What single-process `shoal run` prints for a greedy completion.

@@ -1,0 +1,79 @@
+//! Helpers shared by the coordinator's integration tests: where the models are, child
+//! processes that die with the test, and starting `shoal serve`. Each test binary uses a
+//! part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// `$SHOAL_MODELS_DIR`, else `~/.cache/shoal/models` (where scripts/fetch-models puts them).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("SHOAL_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/models")
+    })
+}
+
+pub fn model_path(name: &str) -> PathBuf {
+    let p = models_dir().join(name);
+    assert!(p.exists(), "{} is missing: run scripts/fetch-models", p.display());
+    p
+}
+
+/// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
+#[derive(Default)]
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub type Out = BufReader<ChildStdout>;
+
+/// Reads stdout lines until one starts with `prefix`; returns the rest of it.
+pub fn wait_line(out: &mut impl BufRead, prefix: &str, what: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(n > 0, "{what} ended before printing {prefix:?}");
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            return rest.trim().to_string();
+        }
+    }
+}
+
+/// Starts `shoal serve` on SmolLM2 (registry and API on free loopback ports) with `extra`
+/// flags; returns (registry address, its stdout, pid) once the registry listens.
+pub fn serve(procs: &mut Procs, extra: &[&str]) -> (String, Out, u32) {
+    let mut child = Command::new(SHOAL)
+        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--model"])
+        .arg(model_path(SMOLLM2))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let pid = child.id();
+    procs.0.push(child);
+    let reg = wait_line(&mut out, "registry on", "shoal serve");
+    (reg, out, pid)
+}
+
+/// Waits until `shoal serve` has loaded the model; returns the API's base URL (`…/v1`).
+pub fn serving(mut out: Out) -> String {
+    let http = wait_line(&mut out, "serving on", "shoal serve");
+    // Keep reading stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in out.lines() {});
+    format!("{http}/v1")
+}
