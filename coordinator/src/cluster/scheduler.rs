@@ -135,6 +135,11 @@ impl Scheduler {
         if s.prompt.is_empty() {
             return Err(shoal_model::Error::InvalidRequest("empty prompt".into()).into());
         }
+        if s.max_tokens == 0 {
+            // The first sample comes with the prompt's last step; a caller that wants none
+            // has nothing to run.
+            return Err(shoal_model::Error::InvalidRequest("max_tokens is 0: nothing to sample".into()).into());
+        }
         if s.prompt.len() >= self.n_ctx {
             return Err(shoal_model::Error::InvalidRequest(format!(
                 "prompt of {} tokens does not fit the context of {}",
