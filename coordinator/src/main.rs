@@ -29,6 +29,9 @@ enum Command {
     Worker(cli::worker::WorkerArgs),
     /// Print the cluster a coordinator runs: workers, layers, memory, ms per step, round trips.
     Status(cli::status::StatusArgs),
+    /// Size and place a model on a cluster before loading it: memory per device, predicted
+    /// speed, and what would make it fit.
+    Plan(cli::plan::PlanArgs),
     /// Relay TCP with a fixed delay each way (a test tool standing in for netem's delay).
     #[command(hide = true)]
     DelayProxy(cli::delay_proxy::DelayProxyArgs),
@@ -50,6 +53,7 @@ fn main() {
         Command::Worker(a) => cli::worker::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Status(a) => cli::status::run(a),
+        Command::Plan(a) => cli::plan::run(a),
         Command::DelayProxy(a) => cli::delay_proxy::run(a),
     };
     if let Err(e) = r {

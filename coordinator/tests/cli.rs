@@ -190,3 +190,59 @@ fn a_seed_reproduces_a_sampled_completion() {
     assert_eq!(a, run_ok(&args("7")).0);
     assert_ne!(a, run_ok(&args("8")).0, "two seeds gave the same 24 sampled tokens");
 }
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples").join(name)
+}
+
+#[test]
+fn plan_places_qwen3_235b_on_the_3090_rig_and_cpu_host() {
+    let out = shoal()
+        .args(["plan", "--model", "qwen3-235b-a22b:q4_k_m", "--ctx", "32768", "--cluster"])
+        .arg(example("3x3090-plus-cpu-host.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("ctx 32768") && text.contains("RTX 3090") && text.contains("bigram/cpu"), "{text}");
+    assert!(text.contains("predicted decode:") && text.contains("bottleneck:"), "{text}");
+}
+
+#[test]
+fn plan_says_llama_405b_does_not_fit_three_3090s_and_what_would() {
+    let out = shoal()
+        .args(["plan", "--model", "llama-3.1-405b:q4_k_m", "--ctx", "32768", "--json", "--cluster"])
+        .arg(example("3x3090.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["fits"], false);
+    let nf = &j["no_fit"];
+    let short = nf["shortfall"].as_u64().unwrap();
+    assert!(short > 100_000_000_000 && nf["need"].as_u64().unwrap() == nf["capacity"].as_u64().unwrap() + short, "{j:#}");
+    assert!(nf["suggestions"].as_array().unwrap().iter().any(|s| s.as_str().unwrap().contains("more RTX 3090")), "{j:#}");
+}
+
+#[test]
+fn plan_reads_a_header_only_prefix_of_a_gguf() {
+    // The header of SmolLM2 alone, as from a partial download.
+    let f = shoal_model::gguf::GgufFile::open(smollm2()).unwrap();
+    let head = tmp("smollm2-header-only.gguf");
+    std::fs::write(&head, &f.bytes()[..f.header().data_offset as usize]).unwrap();
+    let out = shoal().args(["plan", "--json", "--model"]).arg(&head).arg("--cluster").arg(example("cpu-lab-4-nodes.toml")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let placed: u64 = j["tensors"].as_array().unwrap().iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(placed, f.header().tensor_bytes());
+}
+
+#[test]
+fn plan_rejects_bad_clusters_and_unknown_models_in_one_line() {
+    let bad = tmp("bad-cluster.toml");
+    std::fs::write(&bad, "[[host]]\nname = 'a'\nram_gb = 0\nram_bandwidth_gbs = 1\ncpu_tflops = 1\n").unwrap();
+    let out = shoal().args(["plan", "--model", "qwen3-32b:q4_k_m", "--cluster"]).arg(&bad).output().unwrap();
+    check_one_line_error(&out, "ram_gb must be a positive number");
+    let out = shoal().args(["plan", "--model", "llama-9b:q4_k_m", "--cluster"]).arg(example("3x3090.toml")).output().unwrap();
+    check_one_line_error(&out, "unknown model");
+}

@@ -36,7 +36,10 @@ fn opts(name: &str, codec: Codec) -> LoadOptions {
         attn_threads: THREADS,
         codec,
         kv_budget: 0,
+        worker_threads: vec![],
+        parallel: 1,
         even: true,
+        reorder: false,
     }
 }
 

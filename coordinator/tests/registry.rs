@@ -161,6 +161,9 @@ impl coordinator_server::Coordinator for Refuser {
     async fn status(&self, _: tonic::Request<v1::StatusRequest>) -> Result<tonic::Response<v1::ClusterStatus>, tonic::Status> {
         Err(tonic::Status::unimplemented("no"))
     }
+    async fn plan(&self, _: tonic::Request<v1::PlanRequest>) -> Result<tonic::Response<v1::PlanReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no"))
+    }
 }
 
 /// Runs `shoal worker` to its end (at most 30 s) and returns its status and stderr.
@@ -255,12 +258,15 @@ async fn shoal_status_shows_both_stages_after_a_generation() {
         attn_threads: 1,
         codec: Codec::F32,
         kv_budget: 0,
+        worker_threads: vec![],
+        parallel: 1,
         even: true,
+        reorder: false,
     };
     let p = Pipeline::load(joined, &file, &opts).await.unwrap();
     let plan = StageInfo::of(&p);
     assert_eq!(plan.len(), 2);
-    registry.set_plan(plan.clone());
+    registry.set_pipeline(&p);
     registry.set_state("serving");
     let sched = Scheduler::start(p, SchedulerConfig::default());
     let req = GenerateRequest {
@@ -319,6 +325,27 @@ async fn shoal_status_shows_both_stages_after_a_generation() {
     assert!(lines[0].contains(SMOLLM2) && lines[1].contains("serving"), "{text}");
     assert!(lines[3].contains(&plan[0].addr) && lines[3].contains(&format!("[0, {}) +embed", plan[0].layers.end)));
     assert!(lines[4].contains(&plan[1].addr) && lines[4].contains(&format!("[{}, 30) +head", plan[1].layers.start)));
+
+    // `shoal plan --coordinator` prints the plan being served: the same stages, with the
+    // prediction made from the workers' calibrated kernels.
+    let out = shoal(vec!["plan".into(), "--coordinator".into(), addr.clone(), "--json".into()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["serving"], true, "{j:#}");
+    let stages = j["plan"]["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), plan.len());
+    for (s, want) in stages.iter().zip(&plan) {
+        assert_eq!(s["label"], format!("{}/cpu", want.addr));
+        assert_eq!(s["layers"]["start"], want.layers.start);
+        assert_eq!(s["layers"]["end"], want.layers.end);
+    }
+    let decode = j["plan"]["prediction"]["decode_tok_s_single"].as_f64().unwrap();
+    assert!(decode > 1.0 && decode < 1e5, "{decode}");
+    // A what-if on the same workers is labelled as such.
+    let out = shoal(vec!["plan".into(), "--coordinator".into(), addr.clone(), "--parallel".into(), "4".into()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("parallel 4") && text.contains("what-if"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

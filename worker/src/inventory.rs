@@ -3,6 +3,9 @@
 use std::path::Path;
 use std::time::Instant;
 
+use shoal_kernels::matmul::{QMatrix, matmul};
+use shoal_kernels::quant::row_bytes;
+use shoal_kernels::{GgmlType, ThreadPool, ops};
 use shoal_proto::v1;
 
 /// Bytes per second of a large memcpy (bytes read + bytes written), best of a few runs.
@@ -61,5 +64,158 @@ pub fn inventory(node_name: &str, models_dir: &Path, bandwidth: u64) -> v1::Inve
         memory_bandwidth_bytes_per_s: bandwidth,
         devices: Vec::new(),
         models: models(models_dir),
+        calibration: None,
+    }
+}
+
+/// Weight types the calibration measures (the types of the GGUF quantizations shoal serves).
+const CALIBRATED: &[GgmlType] = &[
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::F16,
+];
+/// Rows of activations of the batched measurement.
+const BATCH_ROWS: usize = 32;
+
+/// Measures the matrix kernels on `threads` compute threads: for each weight type, the
+/// bytes per second of one activation row against weights streamed from memory (64 MiB of
+/// matrices, more than a last-level cache), and the bytes × rows per second of a 32-row
+/// batch; the fixed cost of a call; and the time to wake parked threads. About half a
+/// second; the planner turns it into each stage's predicted step time.
+pub fn calibrate(threads: usize) -> v1::KernelCalibration {
+    let pool = ThreadPool::new(threads.max(1));
+    const ARENA: usize = 64 << 20;
+    const MATRIX: usize = 4 << 20;
+    const COLS: usize = 2048;
+    let x = vec![0.5f32; BATCH_ROWS * COLS];
+    let mut scratch = Vec::new();
+    let mut out = vec![0f32; BATCH_ROWS * (MATRIX / 256)];
+    let mut rates = Vec::new();
+    // Seconds per row of one activation row against weights streamed from the arena, and
+    // seconds per row × token of a 32-row batch on one matrix.
+    let mut measure = |ty: GgmlType, cols: usize, batch: bool| -> Option<(f64, usize)> {
+        let row = row_bytes(ty, cols).ok()?;
+        let rows = ((MATRIX / row).max(2) & !1).min(out.len() / BATCH_ROWS);
+        let m_bytes = rows * row;
+        // 0x3C bytes: every f16 scale is 1.06, so no value is NaN or subnormal.
+        let arena = vec![0x3Cu8; (ARENA / m_bytes).max(1) * m_bytes];
+        let mats: Vec<QMatrix<'_>> = arena.chunks_exact(m_bytes).filter_map(|d| QMatrix::new(ty, rows, cols, d).ok()).collect();
+        let first = mats.first()?;
+        let mut best = f64::MAX;
+        for rep in 0..4 {
+            let t = Instant::now();
+            if batch {
+                matmul(&pool, first, &x[..BATCH_ROWS * cols], BATCH_ROWS, &mut out[..BATCH_ROWS * rows], &mut scratch);
+            } else {
+                for m in &mats {
+                    matmul(&pool, m, &x[..cols], 1, &mut out[..rows], &mut scratch);
+                }
+            }
+            if rep > 0 {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        let n_rows = if batch { rows * BATCH_ROWS } else { rows * mats.len() };
+        Some((best / n_rows as f64, row))
+    };
+    for &ty in CALIBRATED {
+        let (Some((t_long, b_long)), Some((t_short, b_short)), Some((t_batch, b_batch))) =
+            (measure(ty, COLS, false), measure(ty, 512, false), measure(ty, COLS, true))
+        else {
+            continue;
+        };
+        // t = bytes / rate + row_overhead, from the two row lengths.
+        let (mut rate, mut row_overhead) = ((b_long - b_short) as f64 / (t_long - t_short), 0.0);
+        if rate.is_finite() && rate > 0.0 {
+            row_overhead = (t_short - b_short as f64 / rate).max(0.0);
+        } else {
+            rate = b_long as f64 / t_long;
+        }
+        rates.push(v1::KernelRate {
+            r#type: ty.name().to_string(),
+            single_bytes_per_s: rate,
+            batch_bytes_per_s: b_batch as f64 / t_batch,
+            row_overhead_s: row_overhead,
+        });
+    }
+    // The fixed cost of a call: a small Q8_0 matrix (in cache) less its bytes at the
+    // streaming rate.
+    // (Best of five batches of calls: a stray interruption must not count.)
+    let (rows, cols) = (16, 512);
+    let small = vec![0x3Cu8; rows * row_bytes(GgmlType::Q8_0, cols).unwrap_or(0)];
+    let mut call_overhead_s = 0.0;
+    if let Ok(m) = QMatrix::new(GgmlType::Q8_0, rows, cols, &small) {
+        let mut out = vec![0f32; rows];
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let n = 100;
+            let t = Instant::now();
+            for _ in 0..n {
+                matmul(&pool, &m, &x[..cols], 1, &mut out, &mut scratch);
+            }
+            best = best.min(t.elapsed().as_secs_f64() / n as f64);
+        }
+        call_overhead_s = best;
+    }
+    // Waking parked threads, as every step after the first does.
+    let mut wake_s = 0.0;
+    let n = 10;
+    for _ in 0..n {
+        pool.park();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let t = Instant::now();
+        pool.run(|_, _| {});
+        wake_s += t.elapsed().as_secs_f64() / n as f64;
+    }
+    // Vector work: a norm, a SwiGLU and an add per pass, 3 × 4096 elements.
+    let (mut a, b, w) = (vec![0.5f32; 4096], vec![0.25f32; 4096], vec![1.0f32; 4096]);
+    let mut o = vec![0f32; 4096];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..50 {
+            ops::rms_norm(&a, &w, 1e-5, &mut o);
+            ops::swiglu_inplace(&mut o, &b);
+            ops::add_inplace(&mut a, &o);
+            a.fill(0.5);
+        }
+        best = best.min(t.elapsed().as_secs_f64() / (50.0 * 3.0 * 4096.0));
+    }
+    let elementwise_s = best;
+    // Handing a step to a compute thread and back.
+    let (to, from) = (std::sync::mpsc::channel::<u32>(), std::sync::mpsc::channel::<u32>());
+    let (tx, rx_back) = (to.0, from.1);
+    let (rx, tx_back) = (to.1, from.0);
+    let echo = std::thread::spawn(move || {
+        while let Ok(v) = rx.recv() {
+            if tx_back.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let mut handoff_s = f64::MAX;
+    for i in 0..20 {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        let t = Instant::now();
+        let ok = tx.send(i).is_ok() && rx_back.recv().is_ok();
+        if ok {
+            handoff_s = handoff_s.min(t.elapsed().as_secs_f64());
+        }
+    }
+    drop(tx);
+    let _ = echo.join();
+    v1::KernelCalibration {
+        threads: pool.n_threads() as u32,
+        rates,
+        batch_rows: BATCH_ROWS as u32,
+        call_overhead_s,
+        wake_s,
+        elementwise_s,
+        handoff_s: if handoff_s == f64::MAX { 0.0 } else { handoff_s },
     }
 }

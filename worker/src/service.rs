@@ -72,6 +72,8 @@ impl std::ops::Deref for WorkerService {
 pub struct Inner {
     cfg: WorkerConfig,
     bandwidth: u64,
+    // Kernel calibrations by thread count, measured once each.
+    calibrations: Mutex<std::collections::HashMap<u32, v1::KernelCalibration>>,
     shard: Mutex<Option<Arc<Loaded>>>,
     rejected: std::sync::atomic::AtomicU64,
     // The channel Stats times a Health call on, and the next stage it leads to.
@@ -88,6 +90,7 @@ impl WorkerService {
         WorkerService(Arc::new(Inner {
             cfg,
             bandwidth: crate::inventory::memory_bandwidth(),
+            calibrations: Default::default(),
             shard: Mutex::new(None),
             rejected: Default::default(),
             next_probe: Default::default(),
@@ -325,8 +328,26 @@ impl worker_server::Worker for WorkerService {
         }))
     }
 
-    async fn get_inventory(&self, _: Request<v1::InventoryRequest>) -> std::result::Result<Response<v1::Inventory>, Status> {
-        Ok(Response::new(crate::inventory::inventory(&self.cfg.node_name, &self.cfg.models_dir, self.bandwidth)))
+    async fn get_inventory(&self, req: Request<v1::InventoryRequest>) -> std::result::Result<Response<v1::Inventory>, Status> {
+        let r = req.into_inner();
+        let mut inv = crate::inventory::inventory(&self.cfg.node_name, &self.cfg.models_dir, self.bandwidth);
+        if r.calibrate {
+            let threads = if r.threads == 0 { inv.cpu_cores } else { r.threads.min(1024) };
+            let cached = self.calibrations.lock().expect("calibrations lock").get(&threads).cloned();
+            let cal = match cached {
+                Some(c) => c,
+                None => {
+                    let c = tokio::task::spawn_blocking(move || crate::inventory::calibrate(threads as usize))
+                        .await
+                        .map_err(|e| Status::internal(format!("calibration failed: {e}")))?;
+                    tracing::info!(threads, call_us = c.call_overhead_s * 1e6, wake_us = c.wake_s * 1e6, "calibrated the matrix kernels");
+                    self.calibrations.lock().expect("calibrations lock").insert(threads, c.clone());
+                    c
+                }
+            };
+            inv.calibration = Some(cal);
+        }
+        Ok(Response::new(inv))
     }
 
     async fn load_shard(&self, req: Request<v1::LoadShardRequest>) -> std::result::Result<Response<v1::LoadShardReply>, Status> {

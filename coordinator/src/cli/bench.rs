@@ -134,14 +134,21 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
     let conc = a.concurrency.max(1);
     let n_ctx = (a.n_prompt.max(a.n_gen) + 16).max(64);
     let (local, addrs) = a.cluster.workers(&path)?;
-    let opts = a.cluster.load_options(&path, a.threads, n_ctx)?;
-    let threads = opts.n_threads;
+    let mut opts = a.cluster.load_options(&path, a.threads, n_ctx)?;
+    opts.parallel = conc as u64;
+    let threads = if opts.worker_threads.is_empty() {
+        opts.n_threads.to_string()
+    } else {
+        opts.worker_threads.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+    };
     let rt = super::cluster::runtime()?;
     let reps = a.reps.max(1);
     let mut rng = Rng::new(1234);
     let mut tok = move || (rng.next_u64() % config.n_vocab as u64) as u32;
-    let (pp, tg) = rt.block_on(async {
+    let (pp, tg, plan) = rt.block_on(async {
         let p = super::cluster::load(&addrs, &file, &opts).await?;
+        let plan = p.plan.clone();
+        eprint!("{}", shoal_planner::report::table(&plan));
         let sched = Scheduler::start(p, SchedulerConfig { max_seqs: conc.max(256), in_flight: a.in_flight, ..SchedulerConfig::default() });
         let one = |prompt: Vec<u32>, n: usize, forced: Vec<u32>| Submission {
             prompt,
@@ -188,10 +195,13 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
                 }
             }
         }
-        Ok::<_, anyhow::Error>((pp, tg))
+        Ok::<_, anyhow::Error>((pp, tg, plan))
     })?;
     drop(local);
     let stages = addrs.len();
+    // What the planner predicted for this plan from the workers' calibrated kernels.
+    let (ppp, tgp) = (plan.prediction.prefill_tok_s, plan.prediction.decode_tok_s);
+    let layers = plan.stages.iter().map(|s| format!("{}-{}", s.layers.start, s.layers.end - 1)).collect::<Vec<_>>().join(" ");
     let (ppm, pps) = mean_std(&pp);
     let (tgm, tgs) = mean_std(&tg);
     let name = a.model.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -200,17 +210,20 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
             "model": name, "threads": threads, "n_prompt": a.n_prompt, "n_gen": a.n_gen, "reps": reps,
             "stages": stages, "concurrency": conc, "codec": a.cluster.codec.name(),
             "pp_tok_s": ppm, "pp_tok_s_std": pps, "tg_tok_s": tgm, "tg_tok_s_std": tgs,
+            "pp_predicted_tok_s": ppp, "tg_predicted_tok_s": tgp, "layers": layers,
         });
         println!("{j}");
     } else {
-        println!("| model | stages | threads/stage | codec | test | tok/s |");
-        println!("|---|---|---|---|---|---|");
+        println!("| model | stages | threads/stage | layers | codec | test | tok/s | predicted | measured/predicted |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         let codec = a.cluster.codec;
         if a.n_prompt > 0 {
-            println!("| {name} | {stages} | {threads} | {codec} | pp{} | {ppm:.2} ± {pps:.2} |", a.n_prompt);
+            let r = ppm / ppp;
+            println!("| {name} | {stages} | {threads} | {layers} | {codec} | pp{} | {ppm:.2} ± {pps:.2} | {ppp:.2} | {r:.2} |", a.n_prompt);
         }
         if a.n_gen > 0 {
-            println!("| {name} | {stages} | {threads} | {codec} | tg{} x{conc} | {tgm:.2} ± {tgs:.2} |", a.n_gen);
+            let r = tgm / tgp;
+            println!("| {name} | {stages} | {threads} | {layers} | {codec} | tg{} x{conc} | {tgm:.2} ± {tgs:.2} | {tgp:.2} | {r:.2} |", a.n_gen);
         }
     }
     Ok(())

@@ -22,6 +22,9 @@ pub struct ClusterArgs {
     /// Activation codec between stages: f32 (exact), bf16 or q8.
     #[arg(long, default_value = "f32")]
     pub codec: Codec,
+    /// Compute threads of each worker, in order (e.g. `2,1,1`); overrides --threads.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub worker_threads: Vec<usize>,
 }
 
 impl ClusterArgs {
@@ -62,8 +65,11 @@ impl ClusterArgs {
             attn_threads: threads.unwrap_or(cores),
             codec: self.codec,
             kv_budget: 0,
-            // Local workers share one machine's bandwidth: split evenly.
-            even: self.worker.is_empty(),
+            worker_threads: self.worker_threads.clone(),
+            parallel: 1,
+            // Local workers share one machine: split evenly unless their threads differ.
+            even: self.workers > 0 && self.worker_threads.windows(2).all(|w| w[0] == w[1]),
+            reorder: false,
         })
     }
 }

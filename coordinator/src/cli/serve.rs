@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use shoal_coordinator::api::{self, ApiState};
-use shoal_coordinator::cluster::pipeline::Pipeline;
-use shoal_coordinator::cluster::registry::{self, Registry, StageInfo};
+use shoal_coordinator::cluster::pipeline::{LoadOptions, Pipeline};
+use shoal_coordinator::cluster::registry::{self, Registry};
 use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
 use shoal_model::chat::ChatTemplate;
 use shoal_model::gguf::GgufFile;
@@ -102,7 +102,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let model_id = a.model_id.clone().unwrap_or_else(|| file_name.trim_end_matches(".gguf").to_string());
     let (local, given) = if a.cluster.enabled() { a.cluster.workers(&path).map(|(l, g)| (l, Some(g)))? } else { (None, None) };
-    let opts = a.cluster.load_options(&path, a.threads, a.ctx)?;
+    let mut opts = a.cluster.load_options(&path, a.threads, a.ctx)?;
+    opts.parallel = a.max_seqs.max(1) as u64;
     let rt = super::cluster::runtime()?;
     let r = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
@@ -127,10 +128,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 eprintln!("shoal: waiting for {} worker(s) to join {reg_addr}", a.min_workers);
                 let workers = reg.wait_for(a.min_workers.max(1), Duration::from_secs(a.wait_secs)).await?;
                 reg.set_state("loading");
-                Pipeline::load(workers, &file, &opts).await?
+                // Joined workers come in no particular order: the planner picks it.
+                Pipeline::load(workers, &file, &LoadOptions { reorder: true, ..opts.clone() }).await?
             }
         };
-        reg.set_plan(StageInfo::of(&pipeline));
+        reg.set_pipeline(&pipeline);
         for (w, p) in &pipeline.stages {
             eprintln!("shoal: stage {} layers {:?}{}{}", w.addr, p.layers, if p.embed { " +embed" } else { "" }, if p.head { " +head" } else { "" });
         }

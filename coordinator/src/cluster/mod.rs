@@ -1,7 +1,7 @@
 //! The coordinator's side of the pipeline-parallel cluster.
 //!
-//! [`planner`] assigns contiguous layer ranges to workers, [`pipeline`] connects to them
-//! over `shoal.v1` (Hello, Inventory, LoadShard), [`scheduler`] runs the generation loop
+//! [`pipeline`] connects to the workers over `shoal.v1` (Hello, Inventory with measured
+//! kernel speeds, LoadShard) and places the model on them with `shoal-planner`, [`scheduler`] runs the generation loop
 //! (one Forward stream into the first stage, micro-batches in flight), [`registry`] is the
 //! `shoal.v1.Coordinator` service workers join, and [`local`] starts worker processes on
 //! loopback for `--workers N`. Workers are reached only over the network; from
@@ -10,7 +10,6 @@
 
 pub mod local;
 pub mod pipeline;
-pub mod planner;
 pub mod registry;
 pub mod scheduler;
 

@@ -5,8 +5,9 @@
 //! the broken link or the HTTP/2 keepalive times out, 3 s), and every wait is also bounded
 //! by [`STEP_TIMEOUT`], so the coordinator never hangs.
 
+use std::ops::Range;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shoal_kernels::codec::Codec;
 use shoal_model::arch::Config;
@@ -14,8 +15,20 @@ use shoal_model::gguf::GgufFile;
 use shoal_proto::v1::{self, worker_client::WorkerClient};
 use tonic::transport::Channel;
 
-use super::planner::{self, ModelSizes, StagePlan, WorkerCaps};
+use shoal_planner::cluster::{KernelRates, LiveWorker};
+use shoal_planner::place::{self, Search, Unit};
+use shoal_planner::{Cluster, ModelDesc, Plan, PlanError, Workload};
+
 use super::{Error, Result};
+
+/// One pipeline stage: the worker's index and the part of the model it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagePlan {
+    pub worker: usize,
+    pub layers: Range<usize>,
+    pub embed: bool,
+    pub head: bool,
+}
 
 /// Longest wait for one step's answer (a prefill chunk of a large model on a slow CPU).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(600);
@@ -43,8 +56,22 @@ pub struct LoadOptions {
     pub codec: Codec,
     /// Most KV bytes per stage; 0: unlimited.
     pub kv_budget: u64,
-    /// Split layers evenly instead of by measured bandwidth (workers on one machine).
+    /// Per-worker compute threads (in the order given), overriding `n_threads`.
+    pub worker_threads: Vec<usize>,
+    /// Concurrent sequences the plan is sized for.
+    pub parallel: u64,
+    /// Split layers evenly (in the given order) instead of by the planner's optimizer.
     pub even: bool,
+    /// Let the optimizer choose the order of the stages (workers that joined, rather than
+    /// addresses given in pipeline order).
+    pub reorder: bool,
+}
+
+impl LoadOptions {
+    /// Compute threads of the `i`-th worker (0: all its cores).
+    pub fn threads_of(&self, i: usize) -> usize {
+        self.worker_threads.get(i).copied().unwrap_or(self.n_threads)
+    }
 }
 
 /// Connects to `addr`, says Hello, reads the inventory.
@@ -68,7 +95,7 @@ pub async fn connect(addr: &str) -> Result<Worker> {
             msg: format!("it speaks protocol {}.{}, this coordinator {}", hello.protocol_major, hello.protocol_minor, shoal_proto::PROTOCOL_MAJOR),
         });
     }
-    let inventory = client.get_inventory(v1::InventoryRequest {}).await.map_err(|s| conn(s.message().to_string()))?.into_inner();
+    let inventory = client.get_inventory(v1::InventoryRequest::default()).await.map_err(|s| conn(s.message().to_string()))?.into_inner();
     Ok(Worker { addr: addr.to_string(), hello, inventory, client })
 }
 
@@ -79,24 +106,62 @@ impl Worker {
     }
 }
 
-/// Sizes of each block, the embedding and the head, from the tensor table.
-pub fn model_sizes(file: &GgufFile, n_layer: usize) -> ModelSizes {
-    let mut m = ModelSizes { layers: vec![0; n_layer], embed: 0, head: 0 };
-    for t in file.tensors() {
-        if let Some(rest) = t.name.strip_prefix("blk.") {
-            if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()).filter(|&i| i < n_layer) {
-                m.layers[i] += t.size;
-            }
-        } else if t.name == "token_embd.weight" {
-            m.embed += t.size;
-        } else {
-            m.head += t.size;
-        }
+/// What the planner needs of a live worker: its inventory with the kernels calibrated on
+/// `threads`, and its round trip (best of three Health calls).
+pub async fn live_worker(w: &Worker, threads: usize) -> Result<LiveWorker> {
+    let mut c = w.client();
+    let err = |s: tonic::Status| Error::Connect { addr: w.addr.clone(), msg: s.message().to_string() };
+    let inv = c
+        .get_inventory(v1::InventoryRequest { calibrate: true, threads: threads as u32 })
+        .await
+        .map_err(err)?
+        .into_inner();
+    let mut rtt = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        c.health(v1::HealthRequest {}).await.map_err(err)?;
+        rtt = rtt.min(t.elapsed().as_secs_f64());
     }
-    if !file.tensors().iter().any(|t| t.name == "output.weight") {
-        m.head += m.embed; // tied embeddings: the last stage maps the embedding too
+    let rates = inv.calibration.map(|cal| {
+        let rate = |f: fn(&v1::KernelRate) -> f64| {
+            cal.rates.iter().filter_map(|r| Some((shoal_kernels::GgmlType::from_name(&r.r#type)?, f(r)))).collect()
+        };
+        KernelRates { single: rate(|r| r.single_bytes_per_s), batch: rate(|r| r.batch_bytes_per_s), row: rate(|r| r.row_overhead_s), batch_rows: cal.batch_rows, call_overhead_s: cal.call_overhead_s, wake_s: cal.wake_s, elementwise_s: cal.elementwise_s, handoff_s: cal.handoff_s }
+    });
+    Ok(LiveWorker { name: w.addr.clone(), ram_free: inv.ram_free_bytes, bandwidth: inv.memory_bandwidth_bytes_per_s as f64, rates, rtt_s: rtt })
+}
+
+/// Plans `model` over live workers (in the given order): the planner's optimum, or with
+/// `even` the even split in the given order, judged by the same cost model.
+pub fn plan_live(model: &ModelDesc, live: &[LiveWorker], w: &Workload, even: bool, reorder: bool) -> Result<Plan> {
+    let cluster = Cluster::from_workers("workers", live);
+    let fail = |e: PlanError| Error::Plan(e.to_string());
+    if !even {
+        let search = Search { tensor_parallel: false, reorder, use_all: true };
+        return place::plan(model, &cluster, w, &search).map_err(fail);
     }
-    m
+    let (n, s) = (model.n_layer, live.len());
+    if s == 0 {
+        return Err(Error::Plan("no workers to place the model on".into()));
+    }
+    if s > n {
+        return Err(Error::Plan(format!("{s} workers but the model has only {n} layers")));
+    }
+    let mut start = 0;
+    let stages: Vec<(Unit, Range<usize>)> = (0..s)
+        .map(|k| {
+            let len = n / s + usize::from(k < n % s);
+            start += len;
+            (Unit { host: k, gpus: vec![] }, start - len..start)
+        })
+        .collect();
+    (1..=w.parallel.min(s as u64).max(1))
+        .filter_map(|g| place::evaluate(model, &cluster, w, &stages, g))
+        .min_by(|a, b| a.objective_s.total_cmp(&b.objective_s))
+        .ok_or_else(|| match place::plan(model, &cluster, w, &Search { tensor_parallel: false, reorder: false, use_all: true }) {
+            Err(e) => fail(e),
+            Ok(_) => Error::Plan("an even split of the layers does not fit the workers' memory".into()),
+        })
 }
 
 /// A loaded pipeline: stage 0 first.
@@ -104,6 +169,35 @@ pub fn model_sizes(file: &GgufFile, n_layer: usize) -> ModelSizes {
 pub struct Pipeline {
     pub stages: Vec<(Worker, StagePlan)>,
     pub n_ctx: usize,
+    /// The plan it was loaded with, with its predictions.
+    pub plan: Plan,
+    /// What the plan was made from, to plan again for another workload (`Coordinator.Plan`).
+    pub planning: Planning,
+}
+
+/// The inputs of a live plan.
+#[derive(Clone, Debug)]
+pub struct Planning {
+    pub model: ModelDesc,
+    /// In the order the workers were given (a plan's `unit.host` indexes this).
+    pub live: Vec<LiveWorker>,
+    pub workload: Workload,
+    pub even: bool,
+    pub reorder: bool,
+}
+
+impl Planning {
+    /// The plan for another context length or parallelism (0: unchanged).
+    pub fn replan(&self, ctx: u64, parallel: u64) -> Result<Plan> {
+        let mut w = self.workload.clone();
+        if ctx > 0 {
+            w.ctx = ctx;
+        }
+        if parallel > 0 {
+            w.parallel = parallel;
+        }
+        plan_live(&self.model, &self.live, &w, self.even, self.reorder)
+    }
 }
 
 /// One sampled token as it came back.
@@ -129,25 +223,42 @@ impl Pipeline {
     /// loads every shard.
     pub async fn load(workers: Vec<Worker>, model: &GgufFile, opts: &LoadOptions) -> Result<Pipeline> {
         let config = Config::from_gguf(model)?;
-        let sizes = model_sizes(model, config.n_layer);
-        let caps: Vec<WorkerCaps> = workers
-            .iter()
-            .map(|w| WorkerCaps {
-                name: w.addr.clone(),
-                free_bytes: w.inventory.ram_free_bytes,
-                bandwidth: if opts.even { 1 } else { w.inventory.memory_bandwidth_bytes_per_s },
-            })
-            .collect();
-        let plan = planner::plan(&sizes, &caps).map_err(Error::Plan)?;
+        let name = model.path().file_name().and_then(|n| n.to_str()).unwrap_or("model");
+        let desc = ModelDesc::from_header(name, model.header()).map_err(|e| Error::Plan(e.to_string()))?;
+        let n_ctx = if opts.n_ctx == 0 { config.n_ctx_train.min(4096) } else { opts.n_ctx };
+        // One at a time: workers on one host would disturb each other's measurements.
+        let mut live = Vec::with_capacity(workers.len());
+        for (i, w) in workers.iter().enumerate() {
+            live.push(live_worker(w, opts.threads_of(i)).await?);
+        }
+        let mut wl = Workload::new(n_ctx as u64, opts.parallel);
+        wl.act_bytes = match opts.codec {
+            Codec::F32 => 4.0,
+            Codec::Bf16 => 2.0,
+            Codec::Q8 => 1.0,
+        };
+        let plan = plan_live(&desc, &live, &wl, opts.even, opts.reorder)?;
+        tracing::info!(
+            stages = plan.stages.len(),
+            decode_tok_s = plan.prediction.decode_tok_s_single,
+            "planned {}",
+            plan.stages.iter().map(|s| format!("{}:{:?}", s.label, s.layers)).collect::<Vec<_>>().join(" ")
+        );
         let header = &model.bytes()[..(model.header().data_offset as usize).min(model.bytes().len())];
         let hash = shoal_proto::model_identity(header, model.file_size());
-        let n_ctx = if opts.n_ctx == 0 { config.n_ctx_train.min(4096) } else { opts.n_ctx };
         let dtype = match opts.codec {
             Codec::F32 => v1::ActivationDtype::F32,
             Codec::Bf16 => v1::ActivationDtype::Bf16,
             Codec::Q8 => v1::ActivationDtype::Q8,
         };
-        let mut stages: Vec<(Worker, StagePlan)> = workers.into_iter().zip(plan).collect();
+        let mut slots: Vec<Option<Worker>> = workers.into_iter().map(Some).collect();
+        let mut stages: Vec<(Worker, StagePlan)> = Vec::with_capacity(plan.stages.len());
+        let mut threads = Vec::with_capacity(plan.stages.len());
+        for s in &plan.stages {
+            let w = slots[s.unit.host].take().ok_or_else(|| Error::Plan("a worker is planned twice".into()))?;
+            threads.push(opts.threads_of(s.unit.host));
+            stages.push((w, StagePlan { worker: s.unit.host, layers: s.layers.clone(), embed: s.embed, head: s.head }));
+        }
         let addrs: Vec<String> = stages.iter().map(|(w, _)| w.addr.clone()).collect();
         for (i, (w, p)) in stages.iter_mut().enumerate() {
             let req = v1::LoadShardRequest {
@@ -159,7 +270,7 @@ impl Pipeline {
                 head: p.head,
                 kv_budget_bytes: opts.kv_budget,
                 n_ctx: n_ctx as u32,
-                n_threads: opts.n_threads as u32,
+                n_threads: threads[i] as u32,
                 next_stage: addrs.get(i + 1).cloned().unwrap_or_default(),
                 activation_dtype: dtype as i32,
                 attn_threads: opts.attn_threads as u32,
@@ -169,7 +280,8 @@ impl Pipeline {
                 .await
                 .map_err(|s| Error::Load { addr: w.addr.clone(), msg: s.message().to_string() })?;
         }
-        Ok(Pipeline { stages, n_ctx })
+        let planning = Planning { model: desc, live, workload: wl, even: opts.even, reorder: opts.reorder };
+        Ok(Pipeline { stages, n_ctx, plan, planning })
     }
 
     /// Drops sequences' KV on every stage, in a background task; best effort, bounded in

@@ -72,6 +72,8 @@ struct State {
     // In join order.
     joined: Vec<Joined>,
     plan: Vec<StageInfo>,
+    // The served plan and its inputs (`Coordinator.Plan`).
+    planned: Option<(shoal_planner::Plan, pipeline::Planning)>,
     what: String,
     model: (String, String),
     // Channels `Status` probes workers on, by address.
@@ -100,6 +102,7 @@ impl Registry {
             state: Mutex::new(State {
                 joined: Vec::new(),
                 plan: Vec::new(),
+                planned: None,
                 what: "waiting for workers".into(),
                 model: Default::default(),
                 probes: HashMap::new(),
@@ -147,6 +150,36 @@ impl Registry {
     /// Records the loaded plan, stage 0 first; `Status` lists these workers first.
     pub fn set_plan(&self, stages: Vec<StageInfo>) {
         self.state().plan = stages;
+    }
+
+    /// Records the loaded pipeline: its stages for `Status` and its plan for `Plan`.
+    pub fn set_pipeline(&self, p: &Pipeline) {
+        let mut st = self.state();
+        st.plan = StageInfo::of(p);
+        st.planned = Some((p.plan.clone(), p.planning.clone()));
+    }
+
+    /// The served plan, or the plan for another context length or parallelism on the same
+    /// workers and model (0: as served).
+    pub fn plan(&self, ctx: u64, parallel: u64) -> v1::PlanReply {
+        let Some((plan, planning)) = self.state().planned.clone() else {
+            return v1::PlanReply { error: "no plan yet: the coordinator is still waiting for workers or loading".into(), ..Default::default() };
+        };
+        let serving = (ctx == 0 || ctx == plan.workload.ctx) && (parallel == 0 || parallel == plan.workload.parallel);
+        let p = if serving {
+            Ok(plan)
+        } else {
+            planning.replan(ctx, parallel)
+        };
+        match p {
+            Ok(p) => v1::PlanReply {
+                serving,
+                plan_json: serde_json::to_string(&p).unwrap_or_default(),
+                table: shoal_planner::report::table(&p),
+                error: String::new(),
+            },
+            Err(e) => v1::PlanReply { error: e.to_string(), ..Default::default() },
+        }
     }
 
     /// Says what the coordinator is doing ("loading", "serving", ...).
@@ -325,7 +358,7 @@ impl Registry {
         c.health(v1::HealthRequest {}).await.map_err(|s| s.message().to_string())?;
         ws.rtt_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut c2 = c.clone();
-        let (stats, inv) = tokio::join!(c.stats(v1::StatsRequest {}), c2.get_inventory(v1::InventoryRequest {}));
+        let (stats, inv) = tokio::join!(c.stats(v1::StatsRequest {}), c2.get_inventory(v1::InventoryRequest::default()));
         let stats = stats.map_err(|s| s.message().to_string())?.into_inner();
         let inv = inv.map_err(|s| s.message().to_string())?.into_inner();
         if ws.node_name.is_empty() {
@@ -362,6 +395,16 @@ impl coordinator_server::Coordinator for Registry {
 
     async fn status(&self, _: Request<v1::StatusRequest>) -> std::result::Result<Response<v1::ClusterStatus>, Status> {
         Ok(Response::new(Registry::status(self).await))
+    }
+
+    async fn plan(&self, req: Request<v1::PlanRequest>) -> std::result::Result<Response<v1::PlanReply>, Status> {
+        let r = req.into_inner();
+        let this = self.clone();
+        // Planning again runs the optimizer: keep it off the async threads.
+        let reply = tokio::task::spawn_blocking(move || this.plan(r.ctx, r.parallel))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(reply))
     }
 }
 
