@@ -221,7 +221,7 @@ OUT="$SHOAL_CACHE/bench/$(date +%Y%m%d-%H%M%S)-cluster"
 mkdir -p "$OUT"
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 for m in "${MODEL_LIST[@]}"; do
-    [[ -f "$MODELS_DIR/$(model_file "$m")" ]] || die "missing model $MODELS_DIR/$(model_file "$m")"
+    model_path "$m" > /dev/null
 done
 
 NETWORKS=(loopback)
@@ -270,7 +270,7 @@ hosts_of() {
 }
 
 for m in "${MODEL_LIST[@]}"; do
-    f="$MODELS_DIR/$(model_file "$m")"
+    f="$(model_path "$m")"
     if [[ "$LLAMA_ONLY" == 0 ]]; then
         shoal_bench "" a "$f" "$OUT/$m.a.json"
     fi

@@ -55,8 +55,7 @@ OUT="$SHOAL_CACHE/bench/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 for m in "${MODEL_LIST[@]}"; do
-    f="$MODELS_DIR/$(model_file "$m")"
-    [[ -f "$f" ]] || { echo "missing model $f" >&2; exit 1; }
+    f="$(model_path "$m")"
     log "$m: llama-bench -t $THREADS -p 512 -n 128 -r $REPS"
     "$BIN_DIR/llama-bench" -m "$f" -t "$THREADS" -p 512 -n 128 -r "$REPS" -o json \
         > "$OUT/$m.llama.json" 2> "$OUT/$m.llama.log"

@@ -12,6 +12,15 @@ model_file() {
     esac
 }
 
+# The cached path of a test model given by its short name (under the caller's MODELS_DIR);
+# fails with a message when it has not been fetched.
+model_path() {
+    local f
+    f="$MODELS_DIR/$(model_file "$1")"
+    [[ -f "$f" ]] || { echo "missing model $f: run scripts/fetch-models" >&2; return 1; }
+    echo "$f"
+}
+
 # Succeeds while process $1 runs (exited but unreaped children count as gone).
 alive() {
     local st

@@ -47,8 +47,7 @@ echo "|---|---|---|---|---|---|---|---|"
 bad=0
 IFS=, read -r -a MS <<< "$MODELS"
 for m in "${MS[@]}"; do
-    file="$MODELS_DIR/$(model_file "$m")"
-    [[ -f "$file" ]] || die "$file is missing: run scripts/fetch-models"
+    file="$(model_path "$m")"
     for n in 1 2 3; do
         t="$(IFS=,; echo "${TH[*]:0:$n}")"
         json="$("$SHOAL_BIN" bench -m "$file" --workers "$n" --worker-threads "$t" -p 128 -n 64 -r "$REPS" --json 2>/dev/null)"

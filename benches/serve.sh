@@ -177,12 +177,12 @@ mkdir -p "$OUT"
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 IFS=',' read -r -a CLIENT_LIST <<< "$CLIENTS"
 for m in "${MODEL_LIST[@]}"; do
-    [[ -f "$MODELS_DIR/$(model_file "$m")" ]] || die "missing model $MODELS_DIR/$(model_file "$m")"
+    model_path "$m" > /dev/null
 done
 "$BIN_DIR/llama-server" --version > "$OUT/llama-version.txt" 2>&1 || true
 
 for m in "${MODEL_LIST[@]}"; do
-    f="$MODELS_DIR/$(model_file "$m")"
+    f="$(model_path "$m")"
     # shoal serve's default model id; llama-server serves one model and takes any id.
     id="$(basename "$f" .gguf)"
     # shoal serve stays up (idle between runs: its threads park) while llama-server runs, so

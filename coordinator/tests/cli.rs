@@ -245,4 +245,9 @@ fn plan_rejects_bad_clusters_and_unknown_models_in_one_line() {
     check_one_line_error(&out, "ram_gb must be a positive number");
     let out = shoal().args(["plan", "--model", "llama-9b:q4_k_m", "--cluster"]).arg(example("3x3090.toml")).output().unwrap();
     check_one_line_error(&out, "unknown model");
+    // A file that is not GGUF is refused from its first bytes (not read to the end).
+    let junk = tmp("not-a-model.gguf");
+    std::fs::write(&junk, vec![b'x'; 3 << 20]).unwrap();
+    let out = shoal().args(["plan", "--model"]).arg(&junk).arg("--cluster").arg(example("3x3090.toml")).output().unwrap();
+    check_one_line_error(&out, "not a GGUF file");
 }

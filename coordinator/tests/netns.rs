@@ -20,7 +20,7 @@
 //! pipe closes (the test dying by a signal included), and namespaces left by a test process
 //! that was killed are removed by the next run.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -206,18 +206,10 @@ impl Cluster {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {what}: {e}"));
         let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdout = child.stdout.take().unwrap();
         // The guard owns the child from here, so a failure below still kills it.
         self.procs.push(Proc { child, _stdin: stdin, log: log.clone() });
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = stdout.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keeps the pipe open (and drained) for the process's lifetime.
-            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let line = common::first_line(stdout);
         let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| {
             let err = std::fs::read_to_string(&log).unwrap_or_default();
             panic!("{what} did not start (said {line:?}): {err}")

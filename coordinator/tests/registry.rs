@@ -3,7 +3,6 @@
 //! handed out with their inventories, refusals must be clear and final, and `shoal status`
 //! must show each stage's layers, counters and round trips after a real generation.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,17 +38,9 @@ impl Workers {
             .spawn()
             .unwrap();
         let stdin = child.stdin.take();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let out = child.stdout.take().unwrap();
         self.children.push((child, stdin));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = out.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep the pipe open (and drained) for the child's lifetime.
-            let _ = std::io::copy(&mut out, &mut std::io::sink());
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("the worker printed its address");
+        let line = common::first_line(out);
         line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("worker said {line:?}")).to_string()
     }
 }

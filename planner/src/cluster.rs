@@ -11,6 +11,10 @@ use shoal_kernels::GgmlType;
 use crate::PlanError;
 
 const GB: f64 = 1e9;
+/// Largest cluster a file may describe (the optimizer's work grows with the square of the
+/// number of devices).
+pub const MAX_HOSTS: usize = 64;
+pub const MAX_GPUS_PER_HOST: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -388,6 +392,13 @@ impl FileCluster {
     fn build(self) -> Result<Cluster, PlanError> {
         let mut hosts = Vec::new();
         for h in &self.host {
+            let gpus: usize = h.gpu.iter().map(|g| g.count).sum();
+            if gpus > MAX_GPUS_PER_HOST {
+                return Err(PlanError::Cluster(format!("host {}: {gpus} GPUs (at most {MAX_GPUS_PER_HOST})", h.name)));
+            }
+            if h.count > MAX_HOSTS || hosts.len() + h.count > MAX_HOSTS {
+                return Err(PlanError::Cluster(format!("more than {MAX_HOSTS} hosts")));
+            }
             if h.count == 0 {
                 return Err(PlanError::Cluster(format!(
                     "host {}: count must be at least 1",
@@ -588,5 +599,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("unknown host \"x\""), "{e}");
+        let e = Cluster::from_toml("[[host]]\nname='a'\ncount=100000\nram_gb=8\nram_bandwidth_gbs=1\ncpu_tflops=1").unwrap_err().to_string();
+        assert!(e.contains("more than 64 hosts"), "{e}");
+        let e = Cluster::from_toml("[[host]]\nname='a'\nram_gb=8\nram_bandwidth_gbs=1\ncpu_tflops=1\n[[host.gpu]]\nname='g'\ncount=99\nmemory_gb=1\nbandwidth_gbs=1\ntflops=1").unwrap_err().to_string();
+        assert!(e.contains("99 GPUs"), "{e}");
     }
 }

@@ -172,8 +172,8 @@ pub fn attention_time(d: &Device, c: &ModelCost, positions: f64, pairs: f64) -> 
     (c.kv_per_token_layer * positions / d.bandwidth).max(c.attn_flops_per_pos * pairs / d.flops)
 }
 
-/// Fixed cost per block per step (and, on live workers, per token: the vector work between
-/// the products, `vector_elems` elements per token).
+/// Fixed cost per block per step: kernel launches, or on live workers the measured cost of
+/// each matrix product call.
 pub fn layer_overhead(d: &Device) -> f64 {
     match &d.rates {
         Some(r) => DISPATCHES_PER_LAYER * r.call_overhead_s,
@@ -195,36 +195,18 @@ pub fn dense_decode(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64, w: &W
         + vector_work(d, c, tokens)
 }
 
-/// Decode time of one block's routed experts on `d`.
-pub fn experts_decode(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64) -> f64 {
+/// Time of one block's routed experts on `d` for `tokens` tokens (decode or prefill: a batch
+/// touches the share of experts its tokens pick and computes k/n of them per token).
+pub fn experts_time(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64) -> f64 {
     if l.experts.is_empty() {
         return 0.0;
     }
-    matmul_time(
-        d,
-        &l.experts,
-        l.expert_flops,
-        tokens,
-        c.expert_touch(tokens),
-        c.expert_share,
-    )
+    matmul_time(d, &l.experts, l.expert_flops, tokens, c.expert_touch(tokens), c.expert_share)
 }
 
-/// Prefill time of one block for a chunk of `tokens` prompt tokens.
-pub fn layer_prefill(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64) -> f64 {
+/// Prefill time of one block without its routed experts, for a chunk of `tokens` tokens.
+pub fn dense_prefill(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64) -> f64 {
     matmul_time(d, &l.dense, l.dense_flops, tokens, 1.0, 1.0)
-        + if l.experts.is_empty() {
-            0.0
-        } else {
-            matmul_time(
-                d,
-                &l.experts,
-                l.expert_flops,
-                tokens,
-                c.expert_touch(tokens),
-                c.expert_share,
-            )
-        }
         + attention_time(d, c, tokens, tokens * tokens / 2.0)
         + layer_overhead(d)
         + vector_work(d, c, tokens)

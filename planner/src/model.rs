@@ -9,6 +9,9 @@ use shoal_model::gguf::Header;
 
 use crate::PlanError;
 
+/// Most blocks a model may have (the largest published models have fewer than 130).
+pub const MAX_LAYERS: usize = 1024;
+
 /// What a tensor does, which decides where it may live and how much of it a token reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -192,8 +195,8 @@ impl ModelDesc {
     /// Checks what the planner relies on: blocks numbered below `n_layer`, an embedding,
     /// expert counts that make sense.
     pub fn validate(&self) -> Result<(), PlanError> {
-        if self.n_layer == 0 {
-            return Err(PlanError::Model("the model has no blocks".into()));
+        if self.n_layer == 0 || self.n_layer > MAX_LAYERS {
+            return Err(PlanError::Model(format!("block_count {} (1 to {MAX_LAYERS})", self.n_layer)));
         }
         if let Some(t) = self
             .tensors

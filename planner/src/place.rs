@@ -220,7 +220,7 @@ impl UnitTable {
             off_bytes: prefix(ls.iter().map(|l| l.experts.total() as f64)),
             t_res: prefix(ls.iter().map(|l| {
                 cost::dense_decode(&dev, mc, l, batch, w)
-                    + cost::experts_decode(&dev, mc, l, batch)
+                    + cost::experts_time(&dev, mc, l, batch)
                     + ar
             })),
             t_off: prefix(ls.iter().map(|l| {
@@ -228,32 +228,20 @@ impl UnitTable {
                     0.0 // never offloaded (see `Ctx::eval`)
                 } else {
                     cost::dense_decode(&dev, mc, l, batch, w)
-                        + cost::experts_decode(&cpu, mc, l, batch)
+                        + cost::experts_time(&cpu, mc, l, batch)
                         + offload_trip(batch)
                         + ar
                 }
             })),
-            p_res: prefix(
-                ls.iter()
-                    .map(|l| cost::layer_prefill(&dev, mc, l, chunk) + ar_p),
-            ),
+            p_res: prefix(ls.iter().map(|l| {
+                cost::dense_prefill(&dev, mc, l, chunk) + cost::experts_time(&dev, mc, l, chunk) + ar_p
+            })),
             p_off: prefix(ls.iter().map(|l| {
                 if !can_off || l.experts.is_empty() {
                     0.0 // never offloaded (see `Ctx::eval`)
                 } else {
-                    let dense_only = crate::model::LayerDesc {
-                        experts: Default::default(),
-                        ..l.clone()
-                    };
-                    cost::layer_prefill(&dev, mc, &dense_only, chunk)
-                        + cost::matmul_time(
-                            &cpu,
-                            &l.experts,
-                            l.expert_flops,
-                            chunk,
-                            mc.expert_touch(chunk),
-                            mc.expert_share,
-                        )
+                    cost::dense_prefill(&dev, mc, l, chunk)
+                        + cost::experts_time(&cpu, mc, l, chunk)
                         + offload_trip(chunk)
                         + ar_p
                 }
@@ -395,6 +383,8 @@ struct Node {
 }
 
 const ROOT: usize = usize::MAX;
+/// Most units (CPUs and GPUs) a plan considers.
+pub const MAX_UNITS: usize = 128;
 
 /// A stage the DP chose: unit index and layers [start, end).
 type Chosen = (usize, usize, usize);
@@ -546,14 +536,16 @@ fn candidates(c: &Cluster, search: &Search) -> Vec<Vec<Unit>> {
     let multi: Vec<usize> = (0..n)
         .filter(|&h| search.tensor_parallel && c.hosts[h].gpus.len() >= 2)
         .collect();
+    // Each multi-GPU host's TP choice, or all-or-none beyond 6 such hosts.
+    let masks: Vec<u64> = if multi.len() <= 6 { (0..1u64 << multi.len()).collect() } else { vec![0, u64::MAX] };
     let mut out = Vec::new();
     for order in &orders {
-        for mask in 0..(1usize << multi.len()) {
+        for &mask in &masks {
             let tp = |h: usize| {
                 multi
                     .iter()
                     .position(|&m| m == h)
-                    .is_some_and(|b| mask >> b & 1 == 1)
+                    .is_some_and(|b| mask >> b.min(63) & 1 == 1)
             };
             let mut units = Vec::new();
             for &h in order {
@@ -601,9 +593,15 @@ fn group_counts(parallel: u64, units: usize) -> Vec<u64> {
 /// this module, or [`NoFit`] saying by how much it misses.
 pub fn plan(m: &ModelDesc, c: &Cluster, w: &Workload, search: &Search) -> Result<Plan, PlanError> {
     if w.ctx == 0 {
-        return Err(PlanError::Cluster(
-            "the context length must be positive".into(),
-        ));
+        return Err(PlanError::Cluster("the context length must be positive".into()));
+    }
+    let devices: usize = c.hosts.iter().map(|h| 1 + h.gpus.len()).sum();
+    if c.hosts.is_empty() || c.hosts.len() > crate::cluster::MAX_HOSTS || devices > MAX_UNITS {
+        return Err(PlanError::Cluster(format!(
+            "{} hosts with {devices} devices: plans take 1 to {} hosts and at most {MAX_UNITS} devices",
+            c.hosts.len(),
+            crate::cluster::MAX_HOSTS
+        )));
     }
     let mc = ModelCost::new(m, w);
     let ctx = Ctx { c, mc: &mc, w };
@@ -757,7 +755,7 @@ fn build(
         prev = Some(u);
     }
     let tensors = placements(m, c, &out);
-    let devices = device_use(m, c, w, &mc, &out, &tensors);
+    let devices = device_use(c, w, &out, &tensors);
     let slowest = out
         .iter()
         .max_by(|a, b| a.ms_per_step.total_cmp(&b.ms_per_step));
@@ -797,43 +795,36 @@ fn build(
 
 /// Names what limits a stage most.
 fn bottleneck(ctx: &Ctx<'_>, t: &UnitTable, r: Range<usize>, offload: usize, batch: f64) -> String {
-    let d = &t.dev;
-    let mc = ctx.mc;
-    let (mut bw, mut fl, mut over, mut cpu) = (0.0, 0.0, 0.0, 0.0);
+    let (d, mc) = (&t.dev, ctx.mc);
+    // (time, what): on a live worker the measured kernels replace bandwidth and compute.
+    let mut items = [
+        (0.0, "memory bandwidth"),
+        (0.0, "compute"),
+        (0.0, "matrix kernels (measured)"),
+        (0.0, "per-layer overhead"),
+        (0.0, "routed experts on the host CPU"),
+    ];
     for l in r.start..r.end {
         let ld = &mc.layers[l];
-        let off = l >= r.end - offload;
-        let touched = ld.dense.total() as f64
-            + if off {
-                0.0
+        let resident = l < r.end - offload;
+        if d.rates.is_some() {
+            items[2].0 += cost::matmul_time(d, &ld.dense, ld.dense_flops, batch, 1.0, 1.0)
+                + if resident { cost::experts_time(d, mc, ld, batch) } else { 0.0 };
+        } else {
+            let (e_bytes, e_flops) = if resident {
+                (ld.experts.total() as f64 * mc.expert_touch(batch), ld.expert_flops * mc.expert_share)
             } else {
-                ld.experts.total() as f64 * mc.expert_touch(batch)
+                (0.0, 0.0)
             };
-        bw += touched / d.bandwidth;
-        fl += batch
-            * (ld.dense_flops
-                + if off {
-                    0.0
-                } else {
-                    ld.expert_flops * mc.expert_share
-                })
-            / d.flops;
-        over += cost::layer_overhead(d);
-        if off {
-            cpu += cost::experts_decode(&t.cpu, mc, ld, batch);
+            items[0].0 += (ld.dense.total() as f64 + e_bytes) / d.bandwidth;
+            items[1].0 += batch * (ld.dense_flops + e_flops) / d.flops;
+        }
+        items[3].0 += cost::layer_overhead(d) + cost::vector_work(d, mc, batch);
+        if !resident {
+            items[4].0 += cost::experts_time(&t.cpu, mc, ld, batch);
         }
     }
-    let items = [
-        (bw, "memory bandwidth"),
-        (fl, "compute"),
-        (over, "per-layer overhead"),
-        (cpu, "routed experts on the host CPU"),
-    ];
-    items
-        .iter()
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map_or("", |x| x.1)
-        .to_string()
+    items.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map_or("", |x| x.1).to_string()
 }
 
 /// Every tensor and the device(s) holding it.
@@ -882,15 +873,7 @@ fn placements(m: &ModelDesc, c: &Cluster, stages: &[Stage]) -> Vec<Placement> {
 
 /// Memory per physical device, summed from the tensor placement (TP groups split evenly) plus
 /// each stage's KV cache and scratch.
-fn device_use(
-    m: &ModelDesc,
-    c: &Cluster,
-    w: &Workload,
-    mc: &ModelCost,
-    stages: &[Stage],
-    tensors: &[Placement],
-) -> Vec<DeviceUse> {
-    let _ = m;
+fn device_use(c: &Cluster, w: &Workload, stages: &[Stage], tensors: &[Placement]) -> Vec<DeviceUse> {
     let mut uses: Vec<DeviceUse> = Vec::new();
     let mut add = |host: usize, dev: &str, bytes: f64, cap: u64| {
         let hn = &c.hosts[host].name;
@@ -918,7 +901,6 @@ fn device_use(
     for u in &mut uses {
         u.used = (u.used as f64 * (1.0 + w.margin)) as u64;
     }
-    let _ = mc;
     uses
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use shoal_model::gguf::Header;
+use shoal_model::gguf::{GgufError, Header};
 use shoal_planner::place::{self, Search};
 use shoal_planner::{Cluster, ModelDesc, PlanError, Workload, catalog, report};
 use shoal_proto::v1::{self, coordinator_client::CoordinatorClient};
@@ -97,8 +97,9 @@ pub fn read_header(path: &Path) -> Result<Header> {
         let eof = buf.len() < want;
         match Header::parse(&buf, false) {
             Ok(h) => return Ok(h),
-            Err(e) if eof => return Err(anyhow::anyhow!("{}: {e}", path.display())),
-            Err(_) => want = want.saturating_mul(2),
+            // Only a header cut short by the prefix is worth reading more for.
+            Err(GgufError::Truncated { .. } | GgufError::ImplausibleCount { .. }) if !eof => want = want.saturating_mul(2),
+            Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
         }
     }
 }

@@ -383,11 +383,6 @@ def case_seed():
     check(got == chat(42), "seed 42 streamed differs from whole", req, got)
 
 
-def logprobs_unsupported(e):
-    m = str(e).lower()
-    return e.status_code == 400 and "logprobs" in m and ("support" in m or "not" in m)
-
-
 def close(a, b):
     return abs(a - b) <= 1e-4 * max(1.0, abs(a), abs(b))
 
@@ -395,12 +390,7 @@ def close(a, b):
 def case_logprobs_chat():
     req = dict(model=A.model, messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
                top_logprobs=3)
-    try:
-        r = client.chat.completions.create(**req)
-    except openai.BadRequestError as e:
-        if logprobs_unsupported(e):
-            raise Skip(f"not supported yet ({e.body.get('message') if e.body else e})")
-        raise
+    r = client.chat.completions.create(**req)
     c = r.choices[0]
     lp = c.logprobs
     check(lp is not None and lp.content is not None, "choices[0].logprobs.content is missing",
@@ -436,12 +426,7 @@ def case_logprobs_chat():
 
 def case_logprobs_completions():
     req = dict(model=A.model, prompt="The water cycle is", max_tokens=8, temperature=0, logprobs=3)
-    try:
-        r = client.completions.create(**req)
-    except openai.BadRequestError as e:
-        if logprobs_unsupported(e):
-            raise Skip(f"not supported yet ({e.body.get('message') if e.body else e})")
-        raise
+    r = client.completions.create(**req)
     c = r.choices[0]
     lp = c.logprobs
     check(lp is not None, "choices[0].logprobs is missing", req, r)

@@ -52,6 +52,21 @@ pub fn wait_line(out: &mut impl BufRead, prefix: &str, what: &str) -> String {
     }
 }
 
+/// The first line a child prints on `out`, waited for at most 30 s (empty if none came). A
+/// thread keeps draining the pipe afterwards, for the child's lifetime, so it never blocks
+/// on a full pipe.
+pub fn first_line(out: ChildStdout) -> String {
+    let mut out = BufReader::new(out);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let _ = tx.send(line);
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default()
+}
+
 /// Starts `shoal serve` on SmolLM2 (registry and API on free loopback ports) with `extra`
 /// flags; returns (registry address, its stdout, pid) once the registry listens.
 pub fn serve(procs: &mut Procs, extra: &[&str]) -> (String, Out, u32) {
