@@ -1,6 +1,8 @@
 //! The OpenAI-compatible HTTP API of `shoal serve` (axum): `GET /v1/models`,
 //! `POST /v1/completions` and `POST /v1/chat/completions`, each whole or streamed as
-//! server-sent events ending with `data: [DONE]`, and `GET /health`.
+//! server-sent events ending with `data: [DONE]`; the Files and Batches endpoints of
+//! [`crate::jobs`]; `GET /health` (the whole pipeline can serve) and `GET /metrics`
+//! (Prometheus text, [`crate::metrics`]).
 //!
 //! Every request becomes one sequence of the [`Scheduler`], so concurrent requests are
 //! batched into the same pipeline steps. Text is produced by the same
@@ -12,7 +14,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Json, State};
@@ -23,14 +25,16 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shoal_model::chat::{ChatMessage, ChatTemplate};
-use shoal_model::engine::{FinishReason, GenerateRequest, TokenStream};
+use shoal_model::engine::{FinishReason, GenerateRequest, Generation, TokenStream};
 use shoal_model::sampling::SamplingParams;
 use shoal_model::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cluster::pipeline::Sampled;
-use crate::cluster::scheduler::{Scheduler, Submission};
+use crate::cluster::registry::Registry;
+use crate::cluster::scheduler::{Priority, Scheduler, Submission, TokenRx};
+use crate::metrics::Metrics;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -44,6 +48,11 @@ pub struct ApiState {
     pub api_keys: Option<Arc<std::collections::HashSet<String>>>,
     /// Requests generating at once; one more is refused with 429 and `Retry-After`.
     pub slots: Arc<tokio::sync::Semaphore>,
+    pub metrics: Arc<Metrics>,
+    /// The coordinator's registry: `/health` and `/metrics` ask it about the stages.
+    pub registry: Option<Registry>,
+    /// Files and batch jobs; `None`: no state directory, the endpoints answer 404.
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
 }
 
 /// Limits of the API, set by `shoal serve`.
@@ -51,19 +60,78 @@ pub struct ApiState {
 pub struct Limits {
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Largest upload to `/v1/files`.
+    pub max_file_bytes: usize,
+}
+
+/// Longest wait of `/health` and `/metrics` for the workers' answers.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET /health`: 200 `{"status": "ok"}` only when every stage of the pipeline answers, holds
+/// its shard and reaches the next stage, and the scheduler runs; else 503 with what is wrong.
+async fn health(State(st): State<Arc<ApiState>>) -> Response {
+    let mut problems = Vec::new();
+    if tokio::time::timeout(PROBE_WAIT, st.scheduler.stats()).await.map_or(true, |r| r.is_err()) {
+        problems.push("the scheduler does not answer".to_string());
+    }
+    if let Some(reg) = &st.registry {
+        match tokio::time::timeout(PROBE_WAIT, reg.status()).await {
+            Err(_) => problems.push("the workers did not answer in time".into()),
+            Ok(status) => {
+                let stages: Vec<_> = status.workers.iter().filter(|w| w.planned).collect();
+                if stages.is_empty() {
+                    problems.push("no pipeline is loaded".into());
+                }
+                for w in stages {
+                    if !w.reachable {
+                        problems.push(format!("stage {} ({}) is unreachable: {}", w.stage, w.addr, w.error));
+                    } else if !w.loaded {
+                        problems.push(format!("stage {} ({}) holds no shard", w.stage, w.addr));
+                    } else if !w.next_stage_error.is_empty() {
+                        problems.push(format!("stage {} ({}) cannot reach {}: {}", w.stage, w.addr, w.next_stage, w.next_stage_error));
+                    }
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "problems": problems}))).into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(st): State<Arc<ApiState>>) -> Response {
+    let sched = tokio::time::timeout(PROBE_WAIT, st.scheduler.stats()).await.ok().and_then(|r| r.ok());
+    let status = match &st.registry {
+        Some(reg) => tokio::time::timeout(PROBE_WAIT, reg.status()).await.ok(),
+        None => None,
+    };
+    let jobs = st.jobs.as_ref().map(|j| j.counts());
+    let text = st.metrics.render(sched.as_ref(), status.as_ref(), jobs.as_ref());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// The router of the API.
-pub fn router(state: ApiState, limits: Limits) -> axum::Router {
-    let state = Arc::new(state);
+pub fn router(state: Arc<ApiState>, limits: Limits) -> axum::Router {
+    use crate::jobs;
+    let upload_limit = axum::extract::DefaultBodyLimit::max(limits.max_file_bytes);
     let v1 = axum::Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/files", post(jobs::upload).layer(upload_limit).get(jobs::list_files))
+        .route("/v1/files/{id}", get(jobs::get_file).delete(jobs::delete_file))
+        .route("/v1/files/{id}/content", get(jobs::file_content))
+        .route("/v1/batches", post(jobs::create_batch).get(jobs::list_batches))
+        .route("/v1/batches/{id}", get(jobs::get_batch))
+        .route("/v1/batches/{id}/cancel", post(jobs::cancel_batch))
+        .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
     axum::Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .merge(v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
@@ -104,7 +172,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: String) -> ApiError {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: String) -> ApiError {
         ApiError { status, kind, message, param: None, code: None }
     }
 
@@ -113,7 +181,7 @@ impl ApiError {
         self
     }
 
-    fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",
@@ -128,16 +196,34 @@ impl ApiError {
             crate::cluster::Error::Model(m @ shoal_model::Error::InvalidRequest(_)) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m.to_string())
             }
+            crate::cluster::Error::Busy(m) => busy(m),
             e => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()),
         }
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether the same request could succeed later (busy, or the pipeline failed).
+    pub(crate) fn is_retryable(&self) -> bool {
+        self.status == StatusCode::TOO_MANY_REQUESTS || self.status.is_server_error()
+    }
+
+    /// OpenAI's error body.
+    pub(crate) fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         tracing::info!(status = %self.status, "request refused: {}", self.message);
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
-        let mut r = (self.status, Json(body)).into_response();
+        let mut r = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
         }
@@ -199,7 +285,7 @@ struct Common {
 }
 
 #[derive(Deserialize, Debug)]
-struct CompletionRequest {
+pub(crate) struct CompletionRequest {
     prompt: Prompt,
     /// Log-probabilities of the chosen tokens and this many alternatives (0..=5).
     logprobs: Option<u32>,
@@ -208,7 +294,7 @@ struct CompletionRequest {
 }
 
 #[derive(Deserialize, Debug)]
-struct ChatRequest {
+pub(crate) struct ChatRequest {
     messages: Vec<ChatMessageIn>,
     #[serde(default)]
     logprobs: bool,
@@ -265,8 +351,13 @@ impl Common {
                 code: Some("model_not_found"),
             });
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad("n", "only n = 1 is supported"));
+        match self.n {
+            Some(0) => return Err(ApiError::bad("n", "n must be at least 1")),
+            Some(n) if n > MAX_N => return Err(ApiError::bad("n", format!("n must be at most {MAX_N}, got {n}"))),
+            Some(n) if n > 1 && self.stream => {
+                return Err(ApiError::bad("n", "n > 1 is supported without streaming only"));
+            }
+            _ => {}
         }
         let n_ctx = st.scheduler.n_ctx();
         if prompt_tokens.is_empty() {
@@ -322,11 +413,34 @@ impl Common {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Most choices one request may ask for.
+const MAX_N: u32 = 16;
+
+/// A checked request, ready to run.
+pub(crate) struct Prepared {
+    g: GenerateRequest,
+    kind: Kind,
+    lp: Option<usize>,
+    stream: bool,
+    n: usize,
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn body<T: serde::de::DeserializeOwned>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+/// A batch line's body as a request of type `T` (400 as for the same body over HTTP).
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    serde_json::from_value(v).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("the body is not a valid request: {e}")))
+}
+
+impl Prepared {
+    pub(crate) fn streams(&self) -> bool {
+        self.stream
+    }
+}
+
+pub(crate) fn body<T: serde::de::DeserializeOwned>(r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     // OpenAI answers 400 to any body it cannot use (axum says 422 for valid JSON of the
     // wrong shape); 413 (too large) and 415 (not JSON) keep their status.
     r.map(|Json(t)| t).map_err(|e| {
@@ -335,72 +449,82 @@ fn body<T: serde::de::DeserializeOwned>(r: Result<Json<T>, JsonRejection>) -> Re
     })
 }
 
-async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
-    let r = async {
-        let req = body(req)?;
-        let text_err = |e: shoal_model::Error| ApiError::bad("prompt", e.to_string());
-        let prompt = match req.prompt {
-            Prompt::Text(t) => st.tokenizer.encode(&t, true, false).map_err(text_err)?,
-            Prompt::Texts(v) if v.len() == 1 => st.tokenizer.encode(&v[0], true, false).map_err(text_err)?,
-            Prompt::Texts(_) => return Err(ApiError::bad("prompt", "only one prompt per request is supported")),
-            Prompt::Tokens(t) => {
-                let n_vocab = st.tokenizer.n_vocab() as u32;
-                if let Some(bad) = t.iter().find(|&&t| t >= n_vocab) {
-                    return Err(ApiError::bad("prompt", format!("token id {bad} is outside the vocabulary of {n_vocab}")));
+/// Checks a `/v1/completions` body.
+pub(crate) fn prepare_completion(st: &ApiState, req: CompletionRequest) -> Result<Prepared, ApiError> {
+    let text_err = |e: shoal_model::Error| ApiError::bad("prompt", e.to_string());
+    let prompt = match req.prompt {
+        Prompt::Text(t) => st.tokenizer.encode(&t, true, false).map_err(text_err)?,
+        Prompt::Texts(v) if v.len() == 1 => st.tokenizer.encode(&v[0], true, false).map_err(text_err)?,
+        Prompt::Texts(_) => return Err(ApiError::bad("prompt", "only one prompt per request is supported")),
+        Prompt::Tokens(t) => {
+            let n_vocab = st.tokenizer.n_vocab() as u32;
+            if let Some(bad) = t.iter().find(|&&t| t >= n_vocab) {
+                return Err(ApiError::bad("prompt", format!("token id {bad} is outside the vocabulary of {n_vocab}")));
+            }
+            t
+        }
+    };
+    let lp = want_logprobs(req.logprobs.is_some(), req.logprobs, 5, "logprobs")?;
+    let g = req.common.request(st, prompt, Some(16))?;
+    let n = req.common.n.unwrap_or(1) as usize;
+    Ok(Prepared { g, kind: Kind::Completion, lp, stream: req.common.stream, n })
+}
+
+/// Checks a `/v1/chat/completions` body and renders its chat.
+pub(crate) fn prepare_chat(st: &ApiState, req: ChatRequest) -> Result<Prepared, ApiError> {
+    let Some(chat) = &st.chat else {
+        return Err(ApiError::bad("messages", "the model file has no chat template; use /v1/completions"));
+    };
+    if req.messages.is_empty() {
+        return Err(ApiError::bad("messages", "messages is empty"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(ApiError::bad("messages", format!("unknown role {:?}", m.role)));
+        }
+        let content = match m.content {
+            Content::Text(t) => t,
+            Content::Parts(p) => {
+                if let Some(x) = p.iter().find(|p| p.kind != "text") {
+                    return Err(ApiError::bad("messages", format!("content part of type {:?} is not supported", x.kind)));
                 }
-                t
+                p.into_iter().map(|p| p.text).collect::<Vec<_>>().join("")
             }
         };
-        let lp = want_logprobs(req.logprobs.is_some(), req.logprobs, 5, "logprobs")?;
-        let g = req.common.request(&st, prompt, Some(16))?;
-        run(st.clone(), g, req.common.stream, Kind::Completion, lp).await
+        let role = if m.role == "developer" { "system".to_string() } else { m.role };
+        messages.push(ChatMessage { role, content });
     }
-    .await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    let text = chat.render(&messages, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    // The template writes BOS itself when the model wants one.
+    let prompt = st.tokenizer.encode(&text, false, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    if !req.logprobs && req.top_logprobs.is_some() {
+        return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"));
+    }
+    let lp = want_logprobs(req.logprobs, req.top_logprobs, 20, "top_logprobs")?;
+    let g = req.common.request(st, prompt, None)?;
+    let n = req.common.n.unwrap_or(1) as usize;
+    Ok(Prepared { g, kind: Kind::Chat, lp, stream: req.common.stream, n })
+}
+
+async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
+    let t0 = Instant::now();
+    let r = async { run(st.clone(), prepare_completion(&st, body(req)?)?, t0).await }.await;
+    let resp = r.unwrap_or_else(IntoResponse::into_response);
+    st.metrics.request("completions", resp.status().as_u16());
+    resp
 }
 
 async fn chat_completions(State(st): State<Arc<ApiState>>, req: Result<Json<ChatRequest>, JsonRejection>) -> Response {
-    let r = async {
-        let req = body(req)?;
-        let Some(chat) = &st.chat else {
-            return Err(ApiError::bad("messages", "the model file has no chat template; use /v1/completions"));
-        };
-        if req.messages.is_empty() {
-            return Err(ApiError::bad("messages", "messages is empty"));
-        }
-        let mut messages = Vec::with_capacity(req.messages.len());
-        for m in req.messages {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-                return Err(ApiError::bad("messages", format!("unknown role {:?}", m.role)));
-            }
-            let content = match m.content {
-                Content::Text(t) => t,
-                Content::Parts(p) => {
-                    if let Some(x) = p.iter().find(|p| p.kind != "text") {
-                        return Err(ApiError::bad("messages", format!("content part of type {:?} is not supported", x.kind)));
-                    }
-                    p.into_iter().map(|p| p.text).collect::<Vec<_>>().join("")
-                }
-            };
-            let role = if m.role == "developer" { "system".to_string() } else { m.role };
-            messages.push(ChatMessage { role, content });
-        }
-        let text = chat.render(&messages, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
-        // The template writes BOS itself when the model wants one.
-        let prompt = st.tokenizer.encode(&text, false, true).map_err(|e| ApiError::bad("messages", e.to_string()))?;
-        if !req.logprobs && req.top_logprobs.is_some() {
-            return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"));
-        }
-        let lp = want_logprobs(req.logprobs, req.top_logprobs, 20, "top_logprobs")?;
-        let g = req.common.request(&st, prompt, None)?;
-        run(st.clone(), g, req.common.stream, Kind::Chat, lp).await
-    }
-    .await;
-    r.unwrap_or_else(IntoResponse::into_response)
+    let t0 = Instant::now();
+    let r = async { run(st.clone(), prepare_chat(&st, body(req)?)?, t0).await }.await;
+    let resp = r.unwrap_or_else(IntoResponse::into_response);
+    st.metrics.request("chat_completions", resp.status().as_u16());
+    resp
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Kind {
     Completion,
     Chat,
 }
@@ -450,22 +574,123 @@ fn logprobs_json(tok: &Tokenizer, kind: Kind, tokens: &[Sampled], offset: usize)
     }
 }
 
-async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp: Option<usize>) -> Result<Response, ApiError> {
+fn busy(msg: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", msg).with_code("rate_limit_exceeded")
+}
+
+/// The scheduler's submission for one choice of `p`.
+fn submission(p: &Prepared, choice: usize, priority: Priority) -> Submission {
+    let mut params = p.g.params.clone();
+    if choice > 0 {
+        // Choices of one seeded request differ from each other and are each reproducible.
+        params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
+    }
+    Submission {
+        prompt: p.g.prompt_tokens.clone(),
+        params,
+        logprobs: p.lp.is_some(),
+        top_logprobs: p.lp.unwrap_or(0),
+        max_tokens: p.g.max_tokens,
+        forced: None,
+        priority,
+    }
+}
+
+/// Runs one choice to its end: (text, finish, tokens kept, their samples).
+async fn one_choice(st: &ApiState, p: &Prepared, mut rx: TokenRx, t0: Instant) -> Result<(Generation, Vec<Sampled>), ApiError> {
+    let mut ts = TokenStream::new(&st.tokenizer, &p.g);
+    let mut sink = |_: &str| {};
+    let mut sampled = Vec::new();
+    while let Some(t) = rx.recv().await {
+        let t = t.map_err(ApiError::from_cluster)?;
+        if sampled.is_empty() {
+            st.metrics.first_token(t0.elapsed());
+        }
+        let go = ts.push(t.token, &mut sink);
+        sampled.push(t);
+        if !go {
+            break;
+        }
+    }
+    drop(rx);
+    let gen_ = ts.finish(&mut sink);
+    // The tokens the completion kept (not an end-of-generation token that ended it).
+    sampled.truncate(gen_.tokens.len());
+    Ok((gen_, sampled))
+}
+
+/// Runs a request whole (every choice) and returns its response body. Batch jobs run their
+/// lines through here too, at [`Priority::Background`].
+pub(crate) async fn answer_whole(st: &ApiState, p: &Prepared, priority: Priority, t0: Instant) -> Result<Value, ApiError> {
+    let id = match p.kind {
+        Kind::Completion => format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        Kind::Chat => format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+    };
+    let created = now();
+    let n_prompt = p.g.prompt_tokens.len();
+    let mut choices = Vec::with_capacity(p.n);
+    if p.g.max_tokens == 0 {
+        for _ in 0..p.n {
+            choices.push((Generation { text: String::new(), tokens: Vec::new(), finish: FinishReason::Length, n_prompt }, Vec::new()));
+        }
+    } else {
+        // Every choice is queued before any is awaited, so they share the batch.
+        let mut rxs = Vec::with_capacity(p.n);
+        for i in 0..p.n {
+            rxs.push(st.scheduler.submit(submission(p, i, priority)).await.map_err(ApiError::from_cluster)?);
+        }
+        for rx in rxs {
+            choices.push(one_choice(st, p, rx, t0).await?);
+        }
+    }
+    let n_gen: usize = choices.iter().map(|(g, _)| g.tokens.len()).sum();
+    st.metrics.tokens(n_prompt, n_gen);
+    let mut out = whole(p.kind, &id, created, &st.model, &choices[0].0.text, choices[0].0.finish, usage(n_prompt, n_gen));
+    let first = out["choices"][0].clone();
+    let mut list = Vec::with_capacity(choices.len());
+    for (i, (gen_, sampled)) in choices.iter().enumerate() {
+        let mut c = first.clone();
+        c["index"] = json!(i);
+        c["finish_reason"] = json!(gen_.finish.as_str());
+        match p.kind {
+            Kind::Completion => c["text"] = json!(gen_.text),
+            Kind::Chat => c["message"]["content"] = json!(gen_.text),
+        }
+        if p.lp.is_some() {
+            c["logprobs"] = logprobs_json(&st.tokenizer, p.kind, sampled, 0);
+        }
+        list.push(c);
+    }
+    out["choices"] = Value::Array(list);
+    Ok(out)
+}
+
+async fn run(st: Arc<ApiState>, p: Prepared, t0: Instant) -> Result<Response, ApiError> {
+    // Held until the answer is complete (streamed ones included).
+    let permit = Arc::clone(&st.slots)
+        .try_acquire_owned()
+        .map_err(|_| busy("the server is at its limit of concurrent requests; retry shortly".into()))?;
+    if !p.stream || p.g.max_tokens == 0 {
+        let out = answer_whole(&st, &p, Priority::Interactive, t0).await?;
+        drop(permit);
+        if p.stream {
+            // Nothing to generate: the stream is the finish chunk alone.
+            let ch = Chunks::new(p.kind, &out, p.lp.is_some());
+            let last = ch.json(if p.kind == Kind::Chat { json!({}) } else { json!("") }, Some("length"));
+            let mut last = last;
+            last["usage"] = out["usage"].clone();
+            let events = vec![Ok::<_, Infallible>(Event::default().data(last.to_string())), Ok(Event::default().data("[DONE]"))];
+            return Ok(Sse::new(tokio_stream::iter(events)).into_response());
+        }
+        return Ok(Json(out).into_response());
+    }
+    let Prepared { g, kind, lp, .. } = p;
     let id = match kind {
         Kind::Completion => format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         Kind::Chat => format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
     };
     let created = now();
     let n_prompt = g.prompt_tokens.len();
-    // Held until the answer is complete (streamed ones included).
-    let permit = Arc::clone(&st.slots).try_acquire_owned().map_err(|_| {
-        let msg = "the server is at its limit of concurrent requests; retry shortly";
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", msg.into()).with_code("rate_limit_exceeded")
-    })?;
-    if g.max_tokens == 0 {
-        let out = whole(kind, &id, created, &st.model, "", FinishReason::Length, usage(n_prompt, 0));
-        return Ok(Json(out).into_response());
-    }
     let sub = Submission {
         prompt: g.prompt_tokens.clone(),
         params: g.params.clone(),
@@ -473,30 +698,9 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
         top_logprobs: lp.unwrap_or(0),
         max_tokens: g.max_tokens,
         forced: None,
+        priority: Priority::Interactive,
     };
     let mut rx = st.scheduler.submit(sub).await.map_err(ApiError::from_cluster)?;
-    if !stream {
-        let mut ts = TokenStream::new(&st.tokenizer, &g);
-        let mut sink = |_: &str| {};
-        let mut sampled = Vec::new();
-        while let Some(t) = rx.recv().await {
-            let t = t.map_err(ApiError::from_cluster)?;
-            let go = ts.push(t.token, &mut sink);
-            sampled.push(t);
-            if !go {
-                break;
-            }
-        }
-        drop(rx);
-        let gen_ = ts.finish(&mut sink);
-        let mut out = whole(kind, &id, created, &st.model, &gen_.text, gen_.finish, usage(n_prompt, gen_.tokens.len()));
-        if lp.is_some() {
-            // The tokens the completion kept (not an end-of-generation token that ended it).
-            sampled.truncate(gen_.tokens.len());
-            out["choices"][0]["logprobs"] = logprobs_json(&st.tokenizer, kind, &sampled, 0);
-        }
-        return Ok(Json(out).into_response());
-    }
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let _permit = permit;
@@ -508,6 +712,7 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
         let mut ts = TokenStream::new(&st.tokenizer, &g);
         let mut pending: Vec<String> = Vec::new();
         let mut failed = None;
+        let mut first = true;
         while let Some(t) = rx.recv().await {
             let t = match t {
                 Ok(t) => t,
@@ -516,6 +721,10 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
                     break;
                 }
             };
+            if first {
+                first = false;
+                st.metrics.first_token(t0.elapsed());
+            }
             let n_before = ts.len();
             let go = ts.push(t.token, &mut |s: &str| pending.push(s.to_string()));
             if ts.len() > n_before {
@@ -537,6 +746,7 @@ async fn run(st: Arc<ApiState>, g: GenerateRequest, stream: bool, kind: Kind, lp
             return;
         }
         let gen_ = ts.finish(&mut |s: &str| pending.push(s.to_string()));
+        st.metrics.tokens(n_prompt, gen_.tokens.len());
         for p in pending.drain(..).filter(|p| !p.is_empty()) {
             if send(ch.text(&st.tokenizer, &p)).await.is_err() {
                 return;
@@ -564,6 +774,19 @@ struct Chunks {
 }
 
 impl Chunks {
+    /// The chunks of the answer whose whole body is `out`.
+    fn new(kind: Kind, out: &Value, lp: bool) -> Chunks {
+        Chunks {
+            kind,
+            id: out["id"].as_str().unwrap_or_default().to_string(),
+            created: out["created"].as_u64().unwrap_or_default(),
+            model: out["model"].as_str().unwrap_or_default().to_string(),
+            lp,
+            lp_pending: Vec::new(),
+            sent: 0,
+        }
+    }
+
     fn json(&self, delta: Value, finish: Option<&str>) -> Value {
         let (id, created, model) = (&self.id, self.created, &self.model);
         match self.kind {

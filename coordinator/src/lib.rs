@@ -7,3 +7,5 @@
 
 pub mod api;
 pub mod cluster;
+pub mod jobs;
+pub mod metrics;

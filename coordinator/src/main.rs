@@ -32,6 +32,8 @@ enum Command {
     /// Size and place a model on a cluster before loading it: memory per device, predicted
     /// speed, and what would make it fit.
     Plan(cli::plan::PlanArgs),
+    /// List the batch jobs of a state directory with their progress.
+    Jobs(cli::jobs::JobsArgs),
     /// Relay TCP with a fixed delay each way (a test tool standing in for netem's delay).
     #[command(hide = true)]
     DelayProxy(cli::delay_proxy::DelayProxyArgs),
@@ -54,6 +56,7 @@ fn main() {
         Command::Serve(a) => cli::serve::run(a),
         Command::Status(a) => cli::status::run(a),
         Command::Plan(a) => cli::plan::run(a),
+        Command::Jobs(a) => cli::jobs::run(a),
         Command::DelayProxy(a) => cli::delay_proxy::run(a),
     };
     if let Err(e) = r {

@@ -1,8 +1,9 @@
 //! The OpenAI-compatible API of `shoal serve` held to the official `openai` Python client:
 //! one real cluster (the coordinator and 2 local worker processes on SmolLM2) and the cases of
 //! `tests/clients/openai_suite.py` run against it: models, chat and completions whole and
-//! streamed, stop strings, `max_tokens`, seeds, logprobs, errors in OpenAI's shape, and 32
-//! concurrent streams that must each equal the same request run alone.
+//! streamed, stop strings, `max_tokens`, seeds, logprobs, errors in OpenAI's shape, `n`,
+//! `/health` and `/metrics`, batch jobs (errors, cancel, and a round trip across a coordinator
+//! restart), and 32 concurrent streams that must each equal the same request run alone.
 //!
 //! One test runs the functional cases on one cluster (loading it costs more than most cases);
 //! a failing case is reported with its request and response and the others still run. The
@@ -19,8 +20,8 @@ use common::{Procs, SHOAL, SMOLLM2, model_path, serving};
 /// The key the served API requires (so the suite also checks 401 for a wrong one).
 const API_KEY: &str = "test-key-1";
 
-/// The cases of the suite but `concurrency`, in its order; each must report `ok` or `SKIP`.
-const CASES: [&str; 16] = [
+/// The cases of the suite run on one cluster, in its order; each must report `ok`.
+const CASES: [&str; 19] = [
     "models",
     "chat",
     "chat_stream",
@@ -37,13 +38,18 @@ const CASES: [&str; 16] = [
     "error_oversized_prompt",
     "n_choices",
     "api_key",
+    "health_metrics",
+    "batch_errors",
+    "batch_cancel",
 ];
 
-/// Starts `shoal serve` with 2 local workers and waits until it serves; returns the API's
-/// base URL.
-fn serve(procs: &mut Procs) -> String {
-    let flags = ["--workers", "2", "--threads", "1", "--ctx", "1024", "--api-key", API_KEY];
-    serving(common::serve(procs, &flags).1)
+/// Starts `shoal serve` with 2 local workers on `state` and waits until it serves; returns
+/// the API's base URL and the server's pid.
+fn serve(procs: &mut Procs, state: &Path) -> (String, u32) {
+    let state = state.to_str().unwrap();
+    let flags = ["--workers", "2", "--threads", "1", "--ctx", "1024", "--api-key", API_KEY, "--state-dir", state, "--batch-parallel", "2"];
+    let (_, out, pid) = common::serve(procs, &flags);
+    (serving(out), pid)
 }
 
 /// What the suite said of each case: `ok`, `SKIP: why` or `FAIL: what`.
@@ -56,7 +62,7 @@ enum Outcome {
 
 /// Runs the suite's `cases` with `--keep-going`, echoing its output; returns
 /// each reported case with its outcome, in order.
-fn run_suite(base: &str, cases: &[&str]) -> Vec<(String, Outcome)> {
+fn run_suite(base: &str, cases: &[&str], extra: &[&std::ffi::OsStr]) -> Vec<(String, Outcome)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_suite.py");
     let mut child = Command::new("python3")
         .arg(script)
@@ -64,6 +70,7 @@ fn run_suite(base: &str, cases: &[&str]) -> Vec<(String, Outcome)> {
         .arg("--model-path")
         .arg(model_path(SMOLLM2))
         .arg("--keep-going")
+        .args(extra)
         .args(cases)
         .stdout(Stdio::piped())
         .spawn()
@@ -103,22 +110,25 @@ fn run_suite(base: &str, cases: &[&str]) -> Vec<(String, Outcome)> {
 fn suite_passes(cases: &[&str]) {
     let t0 = Instant::now();
     let mut procs = Procs::default();
-    let base = serve(&mut procs);
+    let state = procs.temp_dir("state");
+    let (base, _) = serve(&mut procs, &state);
     eprintln!("shoal serve with 2 workers up in {:?}", t0.elapsed());
-    let got = run_suite(&base, cases);
+    let got = run_suite(&base, cases, &["--state-dir".as_ref(), state.as_os_str()]);
     eprintln!("{:?} in all", t0.elapsed());
+    check(cases, &got);
+}
+
+/// Fails with the report of each failed or skipped case.
+fn check(cases: &[&str], got: &[(String, Outcome)]) {
     let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, cases, "the suite did not report every case once");
-    for (name, o) in &got {
-        if let Outcome::Skip(why) = o {
-            eprintln!("skipped {name}: {why}");
-        }
-    }
+    // Every case here has what it needs: a skip is a failure.
     let failed: Vec<String> = got
         .iter()
         .filter_map(|(name, o)| match o {
             Outcome::Fail(what) => Some(format!("{name}: {what}")),
-            Outcome::Ok | Outcome::Skip(_) => None,
+            Outcome::Skip(why) => Some(format!("{name}: skipped: {why}")),
+            Outcome::Ok => None,
         })
         .collect();
     assert!(failed.is_empty(), "{} case(s) failed:\n{}", failed.len(), failed.join("\n"));
@@ -135,4 +145,28 @@ fn openai_client_gets_the_shapes_it_expects_from_serve_with_2_workers() {
 #[test]
 fn thirty_two_concurrent_streams_equal_the_same_requests_one_at_a_time() {
     suite_passes(&["concurrency"]);
+}
+
+/// A batch job across a coordinator restart: the suite starts a batch and waits until some of
+/// its lines are done; the coordinator is killed (SIGKILL: no chance to save anything more)
+/// and started again on the same state directory; the batch then finishes without running a
+/// finished line again (their records on disk are unchanged, one per line), and every answer
+/// equals the same request run interactively.
+#[test]
+fn batch_job_survives_a_coordinator_restart() {
+    let mut procs = Procs::default();
+    let state = procs.temp_dir("state");
+    let handover = state.join("handover.json");
+    let extra = ["--state-dir".as_ref(), state.as_os_str(), "--batch-file".as_ref(), handover.as_os_str()];
+    let (base, pid) = serve(&mut procs, &state);
+    let got = run_suite(&base, &["batch_submit"], &extra);
+    check(&["batch_submit"], &got);
+    let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+    // Reaped here so the state directory's lock is free when the next one starts.
+    let mut first = procs.0.remove(0);
+    first.wait().unwrap();
+    let (base, _) = serve(&mut procs, &state);
+    let got = run_suite(&base, &["batch_resume"], &extra);
+    check(&["batch_resume"], &got);
 }

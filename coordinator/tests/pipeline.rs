@@ -91,7 +91,7 @@ async fn through(p: &Scheduler, prompt: &[u32], n: usize) -> Vec<Sampled> {
 /// A greedy request with log-probabilities; `forced` feeds these tokens back instead of the
 /// sampled ones.
 fn submission(prompt: &[u32], max_tokens: usize, forced: Option<Vec<u32>>) -> Submission {
-    Submission { prompt: prompt.to_vec(), params: SamplingParams::greedy(), logprobs: true, top_logprobs: 0, max_tokens, forced }
+    Submission { prompt: prompt.to_vec(), params: SamplingParams::greedy(), logprobs: true, top_logprobs: 0, max_tokens, forced, priority: Default::default() }
 }
 
 /// Every token a receiver gets until the sequence ends.

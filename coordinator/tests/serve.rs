@@ -206,3 +206,44 @@ fn serve_checks_api_keys_and_enforces_its_limits() {
     s.read_to_string(&mut h).unwrap();
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
 }
+
+/// Admission by KV budget: a stage with room for about 180 tokens (4 MiB at 23 KB a token)
+/// runs one request of 5 + 150 tokens at a time. A request that could never fit is refused
+/// with 400; a second one waits for the first and then completes; with the queue full (one
+/// waiting), a third gets 429 with Retry-After. Nothing runs out of memory and none is lost.
+#[test]
+fn kv_budget_queues_a_burst_and_refuses_what_cannot_fit() {
+    let mut procs = Procs::default();
+    let (_, out, _) = serve(&mut procs, &["--workers", "1", "--kv-budget-mib", "4", "--max-queue", "1"]);
+    let base = serving(out);
+    let never = r#"{"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}"#;
+    let (st, text) = http(&base, "/v1/completions", None, never);
+    assert_eq!(st, 400, "{text}");
+    assert!(text.contains("KV") && text.contains("budget"), "{text}");
+    let long = r#"{"prompt": "Once upon a time", "max_tokens": 150, "temperature": 0, "stream": true}"#;
+    let spawn = |body: &'static str| {
+        let b = base.clone();
+        std::thread::spawn(move || http(&b, "/v1/completions", None, body))
+    };
+    let a = spawn(long);
+    std::thread::sleep(Duration::from_millis(500));
+    let b = spawn(long);
+    std::thread::sleep(Duration::from_millis(500));
+    let (st, text) = http(&base, "/v1/completions", None, r#"{"prompt": "Hi", "max_tokens": 4}"#);
+    assert_eq!(st, 429, "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after: 1") && text.contains("waiting"), "{text}");
+    let (sa, ta) = a.join().unwrap();
+    let (sb, tb) = b.join().unwrap();
+    assert_eq!((sa, sb), (200, 200), "{ta}\n{tb}");
+    // Both streamed to the end, and (greedy, same prompt) the same text.
+    let text_of = |t: &str| -> String {
+        t.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert!(ta.contains("data: [DONE]") && tb.contains("data: [DONE]"));
+    assert_eq!(text_of(&ta), text_of(&tb));
+    assert!(text_of(&ta).len() > 100, "{ta}");
+}

@@ -157,6 +157,7 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
             top_logprobs: 0,
             max_tokens: n,
             forced: Some(forced),
+            priority: Default::default(),
         };
         let mut pp = Vec::new();
         if a.n_prompt > 0 {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cluster;
 pub mod delay_proxy;
 pub mod info;
+pub mod jobs;
 pub mod plan;
 pub mod run;
 pub mod serve;

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use shoal_coordinator::api::{self, ApiState};
+use shoal_coordinator::jobs::{self, Jobs};
+use shoal_coordinator::metrics::Metrics;
 use shoal_coordinator::cluster::pipeline::{LoadOptions, Pipeline};
 use shoal_coordinator::cluster::registry::{self, Registry};
 use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
@@ -64,6 +66,25 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Largest file upload (`POST /v1/files`, batch inputs) in bytes.
+    #[arg(long, default_value_t = 200 << 20)]
+    max_file_bytes: usize,
+    /// KV cache budget of each stage in MiB: requests are admitted while the worst case of
+    /// every running sequence (prompt + max_tokens) fits, and wait otherwise (default: the
+    /// memory the planner leaves free on each worker after its weights).
+    #[arg(long)]
+    kv_budget_mib: Option<u64>,
+    /// Most requests waiting for admission; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Where files and batch jobs live, durable across restarts (default:
+    /// $XDG_STATE_HOME/shoal, else ~/.local/state/shoal). One server per directory.
+    #[arg(long, env = "SHOAL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Most batch-job lines generating at once (default: half of --max-seqs); they always
+    /// yield to interactive requests.
+    #[arg(long)]
+    batch_parallel: Option<usize>,
     #[command(flatten)]
     cluster: super::cluster::ClusterArgs,
 }
@@ -92,6 +113,8 @@ fn api_keys(a: &ServeArgs) -> Result<Option<Arc<std::collections::HashSet<String
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let keys = api_keys(&a)?;
+    let state_dir = a.state_dir.clone().unwrap_or_else(jobs::default_dir);
+    let jobs = Arc::new(Jobs::open(&state_dir).with_context(|| format!("opening the state directory {}", state_dir.display()))?);
     let path = a.model.canonicalize().with_context(|| a.model.display().to_string())?;
     if path.is_dir() {
         anyhow::bail!("{}: is a directory", path.display());
@@ -104,6 +127,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (local, given) = if a.cluster.enabled() { a.cluster.workers(&path).map(|(l, g)| (l, Some(g)))? } else { (None, None) };
     let mut opts = a.cluster.load_options(&path, a.threads, a.ctx)?;
     opts.parallel = a.max_seqs.max(1) as u64;
+    if let Some(mib) = a.kv_budget_mib {
+        // Workers refuse a step beyond it too: a second guard behind the scheduler's.
+        opts.kv_budget = mib << 20;
+    }
     let rt = super::cluster::runtime()?;
     let r = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
@@ -136,16 +163,33 @@ pub fn run(a: ServeArgs) -> Result<()> {
         for (w, p) in &pipeline.stages {
             eprintln!("shoal: stage {} layers {:?}{}{}", w.addr, p.layers, if p.embed { " +embed" } else { "" }, if p.head { " +head" } else { "" });
         }
-        let scheduler = Scheduler::start(pipeline, SchedulerConfig { max_seqs: a.max_seqs.max(1), ..SchedulerConfig::default() });
-        let state = ApiState {
+        let kv_budget: Vec<u64> = (0..pipeline.stages.len())
+            .map(|i| a.kv_budget_mib.map_or_else(|| pipeline.kv_room(i), |m| m << 20))
+            .collect();
+        for (i, b) in kv_budget.iter().enumerate() {
+            eprintln!(
+                "shoal: stage {i} KV budget {:.0} MiB ({} tokens)",
+                *b as f64 / (1u64 << 20) as f64,
+                b / pipeline.kv_bytes_per_token(i).max(1)
+            );
+        }
+        let max_seqs = a.max_seqs.max(1);
+        let background = a.batch_parallel.unwrap_or(max_seqs / 2).clamp(1, max_seqs);
+        let cfg = SchedulerConfig { max_seqs, kv_budget, max_waiting: a.max_queue, background_seqs: background, ..SchedulerConfig::default() };
+        let scheduler = Scheduler::start(pipeline, cfg);
+        let state = Arc::new(ApiState {
             scheduler,
             tokenizer: Arc::clone(&tokenizer),
             chat: chat.clone(),
             model: model_id,
             api_keys: keys,
             slots: Arc::new(tokio::sync::Semaphore::new(a.max_concurrent_requests.max(1))),
-        };
-        let limits = api::Limits { max_body_bytes: a.max_body_bytes };
+            metrics: Arc::new(Metrics::default()),
+            registry: Some(reg.clone()),
+            jobs: Some(Arc::clone(&jobs)),
+        });
+        tokio::spawn(jobs::runner(Arc::clone(&state), background));
+        let limits = api::Limits { max_body_bytes: a.max_body_bytes, max_file_bytes: a.max_file_bytes };
         let http = tokio::net::TcpListener::bind(&a.http).await.with_context(|| format!("listening on {}", a.http))?;
         reg.set_state("serving");
         super::print_stdout(&format!("serving on http://{}\n", http.local_addr()?))?;

@@ -36,6 +36,8 @@ pub enum Error {
     NotEnoughWorkers { have: usize, want: usize, waited: std::time::Duration },
     #[error("serving the coordinator's gRPC: {0}")]
     Serve(String),
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Model(#[from] shoal_model::Error),
 }
@@ -44,7 +46,7 @@ impl Error {
     /// Whether the same call could succeed later. Named per variant.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Stage(_) | Error::Timeout(_) | Error::NotEnoughWorkers { .. } => true,
+            Error::Connect { .. } | Error::Stage(_) | Error::Timeout(_) | Error::NotEnoughWorkers { .. } | Error::Busy(_) => true,
             Error::Serve(_) => false,
             Error::Model(e) => e.is_retryable(),
             Error::Spawn(_) | Error::Refused { .. } | Error::Plan(_) | Error::Load { .. } => false,

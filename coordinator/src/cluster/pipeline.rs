@@ -186,6 +186,28 @@ pub struct Planning {
     pub reorder: bool,
 }
 
+impl Pipeline {
+    /// KV bytes one token takes on stage `i` (f16 K and V of each of its layers).
+    pub fn kv_bytes_per_token(&self, i: usize) -> u64 {
+        let layers = self.stages.get(i).map_or(0, |(_, p)| p.layers.len());
+        (self.planning.model.kv_bytes_per_token_layer(2.0) * layers as f64) as u64
+    }
+
+    /// KV bytes stage `i` has room for: the memory the plan may use on its worker (its free
+    /// RAM when it joined, less a reserve) less the shard's weights and scratch space, shared
+    /// with the other stages at the same host address (workers on one machine report the
+    /// same free RAM).
+    pub fn kv_room(&self, i: usize) -> u64 {
+        let Some(s) = self.plan.stages.get(i) else { return 0 };
+        let node = |j: usize| {
+            self.stages.get(j).map(|(w, _)| w.addr.rsplit_once(':').map_or(w.addr.as_str(), |(h, _)| h))
+        };
+        let peers = (0..self.stages.len()).filter(|&j| node(j) == node(i)).count().max(1) as u64;
+        let room = s.capacity.saturating_sub(s.weight_bytes + s.scratch_bytes);
+        room / peers
+    }
+}
+
 impl Planning {
     /// The plan for another context length or parallelism (0: unchanged).
     pub fn replan(&self, ctx: u64, parallel: u64) -> Result<Plan> {

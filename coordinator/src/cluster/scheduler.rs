@@ -17,6 +17,13 @@
 //! prompt tokens, next to the decode tokens of the other members, so a long prompt does not
 //! stall the others for long.
 //!
+//! Admission: each sequence reserves the KV of its worst case (prompt + `max_tokens`, at
+//! most the context) on every stage, and waits in the queue until the reservations of the
+//! running sequences leave room under each stage's KV budget; a request that could never fit
+//! is refused, and so is one that finds the queue full ([`Error::Busy`]: the API's 429).
+//! Interactive submissions are admitted before background ones (batch jobs), and background
+//! sequences hold at most [`SchedulerConfig::background_seqs`] places.
+//!
 //! A sequence ends when it has sampled `max_tokens`, fills the context, or its receiver is
 //! dropped (the caller stopped it: stop string, client gone). Its KV is then released on
 //! every stage, which is safe because none of its frames is in flight at that point (a
@@ -37,8 +44,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::pipeline::{Pipeline, STEP_TIMEOUT, Sampled, stage_err};
 use super::{Error, Result};
 
-/// How the scheduler batches.
-#[derive(Clone, Copy, Debug)]
+/// How the scheduler batches and admits.
+#[derive(Clone, Debug)]
 pub struct SchedulerConfig {
     /// Micro-batches in flight at once; 0: one per stage.
     pub in_flight: usize,
@@ -46,12 +53,33 @@ pub struct SchedulerConfig {
     pub prefill_tokens: usize,
     /// Most sequences active at once; later submissions wait for a free place.
     pub max_seqs: usize,
+    /// KV bytes each stage may hold (in pipeline order); a missing entry or 0: unlimited.
+    pub kv_budget: Vec<u64>,
+    /// Most submissions waiting for admission; one more is refused with [`Error::Busy`].
+    pub max_waiting: usize,
+    /// Most background sequences active at once (0: `max_seqs / 2`, at least 1).
+    pub background_seqs: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { in_flight: 0, prefill_tokens: PREFILL_CHUNK, max_seqs: 256 }
+        SchedulerConfig {
+            in_flight: 0,
+            prefill_tokens: PREFILL_CHUNK,
+            max_seqs: 256,
+            kv_budget: Vec::new(),
+            max_waiting: 1024,
+            background_seqs: 0,
+        }
     }
+}
+
+/// Who waits for a submission: a client now, or a batch job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Background,
 }
 
 /// One request for the scheduler.
@@ -68,6 +96,7 @@ pub struct Submission {
     /// Teacher forcing: feed these tokens back instead of the sampled ones (token `i` is
     /// the input after the `i`-th sample). Tests use it to compare every position.
     pub forced: Option<Vec<u32>>,
+    pub priority: Priority,
 }
 
 /// What a sequence's receiver gets: one `Ok` per sampled token, in order, then the channel
@@ -75,13 +104,19 @@ pub struct Submission {
 pub type TokenRx = mpsc::UnboundedReceiver<Result<Sampled>>;
 
 /// Counters of the scheduler's own view.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SchedulerStats {
     pub steps: u64,
     pub tokens_sampled: u64,
     pub active: usize,
+    pub active_background: usize,
+    /// Submissions waiting for admission.
+    pub waiting: usize,
     /// Sum over answered frames of the time from send to answer.
     pub step_ns: u64,
+    /// Per stage: KV bytes reserved by the active sequences, and the budget (0: unlimited).
+    pub kv_reserved: Vec<u64>,
+    pub kv_budget: Vec<u64>,
 }
 
 enum Msg {
@@ -96,6 +131,9 @@ pub struct Scheduler {
     tx: mpsc::Sender<Msg>,
     n_ctx: usize,
     stages: usize,
+    /// Per stage: KV bytes of one token, and the budget (0: unlimited).
+    kv_per_token: std::sync::Arc<[u64]>,
+    kv_budget: std::sync::Arc<[u64]>,
 }
 
 impl Scheduler {
@@ -105,19 +143,35 @@ impl Scheduler {
         let n_ctx = pipeline.n_ctx;
         let stages = pipeline.stages.len();
         let in_flight = if cfg.in_flight == 0 { stages.max(1) } else { cfg.in_flight };
+        let kv_per_token: Vec<u64> = (0..stages).map(|i| pipeline.kv_bytes_per_token(i)).collect();
+        let kv_budget: Vec<u64> = (0..stages).map(|i| cfg.kv_budget.get(i).copied().unwrap_or(0)).collect();
+        let background_seqs = if cfg.background_seqs == 0 { (cfg.max_seqs / 2).max(1) } else { cfg.background_seqs };
         let core = Core {
             pipeline,
-            cfg: SchedulerConfig { in_flight, ..cfg },
+            kv_per_token: kv_per_token.clone(),
+            kv_reserved: vec![0; stages],
+            cfg: SchedulerConfig { in_flight, kv_budget: kv_budget.clone(), background_seqs, ..cfg },
             groups: vec![Group::default(); in_flight],
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
+            waiting_background: VecDeque::new(),
             next_seq: 1,
             next_step: 0,
             stream: None,
             stats: SchedulerStats::default(),
         };
         tokio::spawn(core.run(rx));
-        Scheduler { tx, n_ctx, stages }
+        Scheduler { tx, n_ctx, stages, kv_per_token: kv_per_token.into(), kv_budget: kv_budget.into() }
+    }
+
+    /// KV bytes a sequence reserves on each stage: its worst case of `tokens` positions.
+    pub fn kv_need(&self, tokens: usize) -> Vec<u64> {
+        self.kv_per_token.iter().map(|&b| b * tokens.min(self.n_ctx) as u64).collect()
+    }
+
+    /// Per stage KV budget (0: unlimited).
+    pub fn kv_budget(&self) -> &[u64] {
+        &self.kv_budget
     }
 
     /// Context length of every sequence.
@@ -148,6 +202,19 @@ impl Scheduler {
             ))
             .into());
         }
+        let need = self.kv_need(s.prompt.len() + s.max_tokens);
+        for (i, (&n, &b)) in need.iter().zip(self.kv_budget.iter()).enumerate() {
+            if b > 0 && n > b {
+                return Err(shoal_model::Error::InvalidRequest(format!(
+                    "a prompt of {} tokens with max_tokens {} needs {:.1} MB of KV on stage {i}, more than its budget of {:.1} MB; ask for fewer tokens",
+                    s.prompt.len(),
+                    s.max_tokens,
+                    n as f64 / 1e6,
+                    b as f64 / 1e6
+                ))
+                .into());
+            }
+        }
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::Submit(s, tx)).await.map_err(|_| Error::Stage("the scheduler has stopped".into()))?;
         rx.await.map_err(|_| Error::Stage("the scheduler has stopped".into()))?
@@ -174,6 +241,7 @@ impl Scheduler {
             top_logprobs: 0,
             max_tokens: req.max_tokens.max(1),
             forced: None,
+            priority: Priority::Interactive,
         };
         let mut rx = self.submit(sub).await?;
         let mut out = Vec::new();
@@ -219,6 +287,9 @@ struct Seq {
     forced: Option<Vec<u32>>,
     started: bool,
     group: usize,
+    /// KV bytes reserved per stage.
+    reserved: Vec<u64>,
+    background: bool,
     out: mpsc::UnboundedSender<Result<Sampled>>,
 }
 
@@ -243,12 +314,17 @@ struct Stream {
     pending: VecDeque<InFlight>,
 }
 
+type Waiting = VecDeque<(Submission, mpsc::UnboundedSender<Result<Sampled>>)>;
+
 struct Core {
     pipeline: Pipeline,
     cfg: SchedulerConfig,
+    kv_per_token: Vec<u64>,
+    kv_reserved: Vec<u64>,
     groups: Vec<Group>,
     seqs: HashMap<u64, Seq>,
-    waiting: VecDeque<(Submission, mpsc::UnboundedSender<Result<Sampled>>)>,
+    waiting: Waiting,
+    waiting_background: Waiting,
     next_seq: u64,
     next_step: u64,
     stream: Option<Stream>,
@@ -262,19 +338,35 @@ impl Core {
             if let Err(e) = self.fill().await {
                 self.fail_all(e).await;
             }
-            if !open && self.seqs.is_empty() && self.waiting.is_empty() {
+            if !open && self.seqs.is_empty() && self.waiting.is_empty() && self.waiting_background.is_empty() {
                 break;
             }
             let pending = self.stream.as_ref().is_some_and(|s| !s.pending.is_empty());
             tokio::select! {
                 m = rx.recv(), if open => match m {
                     Some(Msg::Submit(s, reply)) => {
-                        let (tx, trx) = mpsc::unbounded_channel();
-                        self.waiting.push_back((s, tx));
-                        let _ = reply.send(Ok(trx));
+                        let queued = self.waiting.len() + self.waiting_background.len();
+                        if queued >= self.cfg.max_waiting {
+                            let msg = format!("{queued} requests are already waiting for the pipeline; retry shortly");
+                            let _ = reply.send(Err(Error::Busy(msg)));
+                        } else {
+                            let (tx, trx) = mpsc::unbounded_channel();
+                            match s.priority {
+                                Priority::Interactive => self.waiting.push_back((s, tx)),
+                                Priority::Background => self.waiting_background.push_back((s, tx)),
+                            }
+                            let _ = reply.send(Ok(trx));
+                        }
                     }
                     Some(Msg::Stats(reply)) => {
-                        let _ = reply.send(SchedulerStats { active: self.seqs.len(), ..self.stats });
+                        let _ = reply.send(SchedulerStats {
+                            active: self.seqs.len(),
+                            active_background: self.seqs.values().filter(|s| s.background).count(),
+                            waiting: self.waiting.len() + self.waiting_background.len(),
+                            kv_reserved: self.kv_reserved.clone(),
+                            kv_budget: self.cfg.kv_budget.clone(),
+                            ..self.stats.clone()
+                        });
                     }
                     None => open = false,
                 },
@@ -287,12 +379,47 @@ impl Core {
         }
     }
 
+    /// The next waiting submission to admit, if its KV fits: interactive ones first, then
+    /// background ones while they hold fewer than their share of places. The queue is served
+    /// in order: one that does not fit yet holds back those behind it.
+    fn admit_next(&mut self) -> Option<(Submission, mpsc::UnboundedSender<Result<Sampled>>)> {
+        // Callers that went away while waiting leave the queue first.
+        while self.waiting.front().is_some_and(|(_, o)| o.is_closed()) {
+            self.waiting.pop_front();
+        }
+        while self.waiting_background.front().is_some_and(|(_, o)| o.is_closed()) {
+            self.waiting_background.pop_front();
+        }
+        let background_active = self.seqs.values().filter(|s| s.background).count();
+        let queue = if !self.waiting.is_empty() {
+            &mut self.waiting
+        } else if background_active < self.cfg.background_seqs && !self.waiting_background.is_empty() {
+            &mut self.waiting_background
+        } else {
+            return None;
+        };
+        let (s, _) = queue.front()?;
+        let tokens = (s.prompt.len() + s.max_tokens).min(self.pipeline.n_ctx) as u64;
+        let fits = self
+            .kv_per_token
+            .iter()
+            .zip(&self.kv_reserved)
+            .zip(&self.cfg.kv_budget)
+            .all(|((&per, &held), &budget)| budget == 0 || held + per * tokens <= budget);
+        if !fits {
+            return None;
+        }
+        queue.pop_front()
+    }
+
     /// Admits waiting sequences and sends a frame for every idle group that has work.
     async fn fill(&mut self) -> Result<()> {
         while self.seqs.len() < self.cfg.max_seqs {
-            let Some((s, out)) = self.waiting.pop_front() else { break };
-            if out.is_closed() {
-                continue;
+            let Some((s, out)) = self.admit_next() else { break };
+            let tokens = (s.prompt.len() + s.max_tokens).min(self.pipeline.n_ctx) as u64;
+            let reserved: Vec<u64> = self.kv_per_token.iter().map(|&b| b * tokens).collect();
+            for (r, &b) in self.kv_reserved.iter_mut().zip(&reserved) {
+                *r += b;
             }
             let id = self.next_seq;
             self.next_seq += 1;
@@ -312,6 +439,8 @@ impl Core {
                     forced: s.forced,
                     started: false,
                     group,
+                    reserved,
+                    background: s.priority == Priority::Background,
                     out,
                 },
             );
@@ -474,6 +603,9 @@ impl Core {
         for id in ids {
             if let Some(s) = self.seqs.remove(id) {
                 self.groups[s.group].members.retain(|m| m != id);
+                for (r, &b) in self.kv_reserved.iter_mut().zip(&s.reserved) {
+                    *r = r.saturating_sub(b);
+                }
             }
         }
         self.pipeline.release_in_background(ids.to_vec());

@@ -1,7 +1,7 @@
 """The OpenAI API test suite of `shoal serve`, driven by the official `openai` Python package.
 
 Usage: openai_suite.py --base URL --model ID [--shoal BIN --model-path GGUF] [--api-key KEY]
-                       [--keep-going] [CASE...]
+                       [--state-dir DIR] [--batch-file FILE] [--keep-going] [CASE...]
 
 Runs the named cases (all by default) against a running `shoal serve`, in order. Each case
 asserts the exact shapes the client expects and prints `ok CASE`, or `SKIP CASE: why` when the
@@ -9,6 +9,9 @@ server lacks the feature and says so. The first failure prints `FAIL CASE: what`
 request and the response) and exits 1; with --keep-going the other cases still run and the exit
 status is 1 if any failed. `--shoal`/`--model-path` let `completions` compare with
 single-process `shoal run`; `--api-key` tells the suite the server requires that key.
+`--state-dir` is the server's (the batch cases check the records it keeps on disk), and
+`batch_submit` / `batch_resume` are the two halves of a batch job across a coordinator restart,
+handing over through `--batch-file`.
 Needs only the `openai` package (scripts/install-deps installs it); no pytest.
 """
 import argparse
@@ -511,20 +514,24 @@ def case_error_oversized_prompt():
 
 def case_n_choices():
     req = dict(model=A.model, messages=CHAT, max_tokens=8, temperature=0, n=2)
-    try:
-        r = client.chat.completions.create(**req)
-    except openai.BadRequestError as e:
-        check(isinstance(e.body, dict) and isinstance(e.body.get("message"), str), "error shape",
-              req, e.body)
-        print(f"  n=2 refused with 400: {e.body['message']}")
-        return
+    r = client.chat.completions.create(**req)
     check(len(r.choices) == 2 and [c.index for c in r.choices] == [0, 1], "2 choices", req, r)
     for c in r.choices:
         check(c.message.role == "assistant" and isinstance(c.message.content, str), "choice",
               req, r)
     check(r.choices[0].message.content == r.choices[1].message.content,
           "greedy choices differ", req, r)
-    print("  n=2 answered with 2 choices")
+    check(2 <= r.usage.completion_tokens <= 16, "usage counts both choices' tokens", req, r)
+    # Sampled choices of a seeded request: reproducible, and (almost surely) not all equal.
+    req = dict(model=A.model, prompt="My favourite colour is", max_tokens=12, temperature=1.0,
+               seed=7, n=3)
+    a, b = client.completions.create(**req), client.completions.create(**req)
+    texts = [c.text for c in a.choices]
+    check(texts == [c.text for c in b.choices], "seeded n=3 is not reproducible", req, [a, b])
+    check(len(set(texts)) > 1, "the 3 sampled choices are all equal", req, a)
+    api_error(openai.BadRequestError, lambda: client.chat.completions.create(
+        model=A.model, messages=CHAT, max_tokens=4, n=2, stream=True), "n=2 streamed")
+    print("  n=2 answered with 2 choices; seeded n=3 reproducible")
 
 
 def case_api_key():
@@ -608,6 +615,217 @@ def case_concurrency():
     print(f"  {len(reqs)} streams, {n} tokens: {t_conc:.1f} s at once, {t_seq:.1f} s one at a time")
 
 
+def case_health_metrics():
+    root = A.base[:-len("/v1")]
+    with urllib.request.urlopen(root + "/health", timeout=30) as r:
+        check(r.status == 200, f"/health answered {r.status}")
+        v = json.loads(r.read())
+    check(v == {"status": "ok"}, "/health body", None, v)
+    chat_whole(messages=CHAT, max_tokens=4, temperature=0)
+    req = urllib.request.Request(root + "/metrics", headers={
+        "Authorization": f"Bearer {A.api_key or 'unused'}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        check(r.headers.get("content-type", "").startswith("text/plain"), "content-type",
+              None, r.headers.get("content-type"))
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            values[k] = float(v)
+    ok = values.get('shoal_requests_total{endpoint="chat_completions",code="200"}', 0)
+    check(ok >= 1, "no counted 200 chat request", None, text[:2000])
+    check(values.get("shoal_time_to_first_token_seconds_count", 0) >= 1, "no TTFT sample", None,
+          text[:2000])
+    check(values.get("shoal_completion_tokens_total", 0) >= 4, "tokens out", None, text[:2000])
+    for stage in ("0", "1"):
+        up = [v for k, v in values.items() if k.startswith(f'shoal_stage_up{{stage="{stage}"')]
+        check(up == [1.0], f"stage {stage} is not up", None, text)
+        kv = [k for k in values if k.startswith(f'shoal_kv_budget_bytes{{stage="{stage}"')]
+        check(kv, f"no KV budget of stage {stage}", None, text)
+    check("shoal_queue_depth" in values, "no queue depth", None, text)
+    if A.api_key:
+        r = urllib.request.Request(root + "/metrics", headers={"Authorization": "Bearer no"})
+        try:
+            urllib.request.urlopen(r, timeout=30)
+            raise Fail("/metrics answered a wrong key")
+        except urllib.error.HTTPError as e:
+            check(e.code == 401, f"/metrics with a wrong key answered {e.code}")
+    print(f"  /metrics: {len(values)} series")
+
+
+# A batch input: chat requests with greedy answers, and one the server must refuse.
+BATCH_BAD = "bad-temperature"
+
+
+def batch_lines(n):
+    lines = []
+    for i in range(n):
+        body = {"messages": [{"role": "user", "content": f"Tell me about {TOPICS[i].lower()}."}],
+                "max_tokens": 48, "temperature": 0}
+        lines.append({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                      "body": body})
+    lines.insert(3, {"custom_id": BATCH_BAD, "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"messages": LIST, "max_tokens": 4, "temperature": 7}})
+    return lines
+
+
+def upload(lines, name="batch.jsonl"):
+    data = ("\n".join(json.dumps(x) for x in lines) + "\n").encode()
+    f = client.files.create(file=(name, data), purpose="batch")
+    check(f.id.startswith("file-") and f.bytes == len(data) and f.purpose == "batch"
+          and f.filename == name, "file object", None, f)
+    got = client.files.retrieve(f.id)
+    check(got.id == f.id and got.bytes == f.bytes, "files.retrieve", None, got)
+    check(client.files.content(f.id).read() == data, "the stored file differs from the upload")
+    return f
+
+
+def wait_batch(bid, until, timeout=600):
+    t0 = time.monotonic()
+    while True:
+        b = client.batches.retrieve(bid)
+        if until(b):
+            return b
+        check(time.monotonic() - t0 < timeout, f"batch {bid} still {b.status} after {timeout} s",
+              None, b)
+        time.sleep(0.1)
+
+
+def journal(bid):
+    """The records the server wrote for batch `bid` (bytes on disk in --state-dir)."""
+    path = f"{A.state_dir}/batches/{bid}.results.jsonl"
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.endswith("\n")]
+
+
+def case_batch_submit():
+    """First half of the restart round trip: starts a batch and stops once some lines are done,
+    writing what was done to --batch-file (the test then kills the coordinator)."""
+    if not A.batch_file or not A.state_dir:
+        raise Skip("needs --batch-file and --state-dir")
+    lines = batch_lines(10)
+    f = upload(lines)
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"suite": "restart"})
+    check(b.object == "batch" and b.id.startswith("batch_") and b.status in
+          ("validating", "in_progress") and b.input_file_id == f.id
+          and b.endpoint == "/v1/chat/completions" and b.completion_window == "24h",
+          "batch object", None, b)
+    check(b.metadata == {"suite": "restart"}, "metadata", None, b)
+    b = wait_batch(b.id, lambda b: b.request_counts.completed + b.request_counts.failed >= 3
+                   or b.status != "in_progress")
+    check(b.status == "in_progress" and b.request_counts.total == len(lines),
+          f"the batch should still run with {len(lines)} lines", None, b)
+    done = journal(b.id)
+    check(3 <= len(done) < len(lines), f"{len(done)} records on disk", None, done)
+    with open(A.batch_file, "w") as out:
+        json.dump({"batch": b.id, "lines": lines, "done": done}, out)
+    print(f"  batch {b.id}: {len(done)} of {len(lines)} lines done before the restart")
+
+
+def case_batch_resume():
+    """Second half: after the restart, the batch finishes without running a done line again,
+    and each answer equals the same request run interactively."""
+    if not A.batch_file:
+        raise Skip("needs --batch-file")
+    with open(A.batch_file) as f:
+        saved = json.load(f)
+    bid, lines, before = saved["batch"], saved["lines"], saved["done"]
+    b = wait_batch(bid, lambda b: b.status in ("completed", "failed", "cancelled", "expired"))
+    n = len(lines)
+    check(b.status == "completed", f"status {b.status}", None, b)
+    check((b.request_counts.total, b.request_counts.completed, b.request_counts.failed)
+          == (n, n - 1, 1), "request_counts", None, b)
+    check(b.output_file_id and b.error_file_id and b.completed_at and b.in_progress_at,
+          "files and times", None, b)
+    recs = journal(bid)
+    by_line = {}
+    for r in recs:
+        check(r["line"] not in by_line, f"line {r['line']} was run twice", None, recs)
+        by_line[r["line"]] = r
+    check(sorted(by_line) == list(range(n)), "a record for every line", None, sorted(by_line))
+    for r in before:
+        check(by_line[r["line"]] == r, f"line {r['line']}, done before the restart, changed",
+              r, by_line[r["line"]])
+    out = [json.loads(x) for x in client.files.content(b.output_file_id).text.splitlines()]
+    err = [json.loads(x) for x in client.files.content(b.error_file_id).text.splitlines()]
+    want_ids = [x["custom_id"] for x in lines if x["custom_id"] != BATCH_BAD]
+    check([o["custom_id"] for o in out] == want_ids, "output custom_ids (in input order)", None,
+          [o["custom_id"] for o in out])
+    check(len(err) == 1 and err[0]["custom_id"] == BATCH_BAD
+          and err[0]["response"]["status_code"] == 400
+          and "temperature" in err[0]["response"]["body"]["error"]["message"], "error file",
+          None, err)
+    for o, line in zip(out, [x for x in lines if x["custom_id"] != BATCH_BAD]):
+        resp = o["response"]
+        check(o["id"].startswith("batch_req_") and o["error"] is None
+              and resp["status_code"] == 200 and resp["request_id"], "output line shape", None, o)
+        body = resp["body"]
+        check(body["object"] == "chat.completion" and body["model"] == A.model, "body", None, body)
+        _, text = chat_whole(**line["body"])
+        got = body["choices"][0]["message"]["content"]
+        check(got == text, f"{o['custom_id']}: the batch answer differs from the same request "
+              f"run interactively", {"batch": got}, {"interactive": text})
+        usage = body["usage"]
+        check(usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"],
+              "usage", None, body)
+    if A.shoal:
+        o = subprocess.run([A.shoal, "jobs", "--state-dir", A.state_dir], capture_output=True,
+                           timeout=60)
+        row = next((x for x in o.stdout.decode().splitlines() if x.startswith(bid)), "")
+        check(o.returncode == 0 and "completed" in row and f"{n}/{n} 100%" in row,
+              "shoal jobs does not list the batch as done", None, o.stdout.decode())
+    print(f"  batch {bid}: {n - 1} answers equal the interactive ones; {len(before)} lines kept "
+          "from before the restart")
+
+
+def case_batch_cancel():
+    lines = batch_lines(24)
+    f = upload(lines, "cancel.jsonl")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    b = wait_batch(b.id, lambda b: b.request_counts.completed >= 1 or b.status != "in_progress")
+    c = client.batches.cancel(b.id)
+    check(c.status in ("cancelling", "cancelled") and c.cancelling_at, "cancel answer", None, c)
+    b = wait_batch(b.id, lambda b: b.status not in ("in_progress", "cancelling"), timeout=120)
+    check(b.status == "cancelled" and b.cancelled_at, f"status {b.status}", None, b)
+    done = b.request_counts.completed + b.request_counts.failed
+    check(1 <= done < len(lines), f"{done} of {len(lines)} lines done when cancelled", None, b)
+    if b.output_file_id:
+        out = client.files.content(b.output_file_id).text.splitlines()
+        check(len(out) == b.request_counts.completed, "output lines of a cancelled batch", None, b)
+    page = client.batches.list(limit=100)
+    check(any(x.id == b.id for x in page.data), "batches.list lacks the batch", None, page)
+    print(f"  cancelled after {done} of {len(lines)} lines")
+
+
+def case_batch_errors():
+    bad = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": LIST}},
+           {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": LIST}},
+           {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}]
+    f = upload(bad, "bad.jsonl")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    b = wait_batch(b.id, lambda b: b.status != "validating")
+    check(b.status == "failed" and b.errors and len(b.errors.data) == 2, "validation", None, b)
+    check([e.line for e in b.errors.data] == [2, 3], "error lines", None, b)
+    api_error(openai.NotFoundError, lambda: client.batches.create(
+        input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"),
+        "an unknown input file")
+    api_error(openai.BadRequestError, lambda: client.batches.create(
+        input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h"),
+        "an unsupported endpoint")
+    api_error(openai.BadRequestError, lambda: client.files.create(
+        file=("x.jsonl", b"{}\n"), purpose="fine-tune"), "an unsupported purpose")
+    api_error(openai.NotFoundError, lambda: client.batches.retrieve("batch_nope"), "unknown batch")
+    d = client.files.delete(f.id)
+    check(d.deleted and d.id == f.id, "files.delete", None, d)
+    api_error(openai.NotFoundError, lambda: client.files.retrieve(f.id), "a deleted file")
+
+
 CASES = {name[len("case_"):]: f for name, f in globals().items() if name.startswith("case_")}
 
 
@@ -620,6 +838,8 @@ def main():
     p.add_argument("--model-path", help="the GGUF file for `shoal run`")
     p.add_argument("--api-key", help="the key the server requires (none: keys not configured)")
     p.add_argument("--keep-going", action="store_true", help="run every case despite failures")
+    p.add_argument("--state-dir", help="the server's --state-dir (batch cases read its journal)")
+    p.add_argument("--batch-file", help="where batch_submit leaves its batch for batch_resume")
     p.add_argument("cases", nargs="*", help=f"cases to run (default all): {' '.join(CASES)}")
     A = p.parse_args()
     unknown = [c for c in A.cases if c not in CASES]

@@ -24,15 +24,32 @@ pub fn model_path(name: &str) -> PathBuf {
     p
 }
 
-/// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
+/// Child processes killed (and reaped) on drop, so a failing test leaves none behind, and
+/// temporary directories removed after them.
 #[derive(Default)]
-pub struct Procs(pub Vec<Child>);
+pub struct Procs(pub Vec<Child>, pub Vec<PathBuf>);
+
+impl Procs {
+    /// A fresh empty directory, removed when `self` drops.
+    pub fn temp_dir(&mut self, tag: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!("shoal-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        self.1.push(d.clone());
+        d
+    }
+}
 
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for d in &self.1 {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }
@@ -70,10 +87,14 @@ pub fn first_line(out: ChildStdout) -> String {
 /// Starts `shoal serve` on SmolLM2 (registry and API on free loopback ports) with `extra`
 /// flags; returns (registry address, its stdout, pid) once the registry listens.
 pub fn serve(procs: &mut Procs, extra: &[&str]) -> (String, Out, u32) {
-    let mut child = Command::new(SHOAL)
-        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--model"])
-        .arg(model_path(SMOLLM2))
-        .args(extra)
+    // Each server gets a state directory of its own unless the test names one.
+    let state = if extra.contains(&"--state-dir") { None } else { Some(procs.temp_dir("state")) };
+    let mut cmd = Command::new(SHOAL);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--model"]).arg(model_path(SMOLLM2)).args(extra);
+    if let Some(s) = state {
+        cmd.arg("--state-dir").arg(s);
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
