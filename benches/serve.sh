@@ -18,7 +18,7 @@
 #
 # For each model:
 #   shoal serve -m MODEL --workers N --threads W --http 127.0.0.1:0 --listen 127.0.0.1:0
-#               --max-seqs 32
+#               --max-seqs 32 --state-dir OUT/TAG.state
 # is started once (ready when it prints "serving on" on stdout) and stays up; at each client
 # count C it gets the load, then
 #   llama-server -m MODEL -t T --parallel C -c C*1024 --host 127.0.0.1 --port P --no-webui
@@ -109,7 +109,7 @@ start_shoal() {
     local tag="$1" f="$2" addr pid
     log "$tag: shoal serve --workers $WORKERS --threads $WORKER_THREADS --max-seqs 32"
     "$SHOAL_BIN" serve -m "$f" --workers "$WORKERS" --threads "$WORKER_THREADS" \
-        --http 127.0.0.1:0 --listen 127.0.0.1:0 --max-seqs 32 \
+        --http 127.0.0.1:0 --listen 127.0.0.1:0 --max-seqs 32 --state-dir "$OUT/$tag.state" \
         > "$OUT/$tag.shoal.out" 2> "$OUT/$tag.shoal.log" &
     pid=$!
     PIDS+=("$pid")

@@ -282,6 +282,16 @@ struct Common {
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     n: Option<u32>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options`: with `include_usage`, the usage comes as a last chunk of its own with
+/// no choices, as OpenAI sends it (without, it rides on the finish chunk).
+#[derive(Deserialize, Debug, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -423,6 +433,8 @@ pub(crate) struct Prepared {
     lp: Option<usize>,
     stream: bool,
     n: usize,
+    /// Streamed usage as a chunk of its own (`stream_options.include_usage`).
+    usage_chunk: bool,
 }
 
 fn now() -> u64 {
@@ -467,7 +479,8 @@ pub(crate) fn prepare_completion(st: &ApiState, req: CompletionRequest) -> Resul
     let lp = want_logprobs(req.logprobs.is_some(), req.logprobs, 5, "logprobs")?;
     let g = req.common.request(st, prompt, Some(16))?;
     let n = req.common.n.unwrap_or(1) as usize;
-    Ok(Prepared { g, kind: Kind::Completion, lp, stream: req.common.stream, n })
+    let usage_chunk = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    Ok(Prepared { g, kind: Kind::Completion, lp, stream: req.common.stream, n, usage_chunk })
 }
 
 /// Checks a `/v1/chat/completions` body and renders its chat.
@@ -504,7 +517,8 @@ pub(crate) fn prepare_chat(st: &ApiState, req: ChatRequest) -> Result<Prepared, 
     let lp = want_logprobs(req.logprobs, req.top_logprobs, 20, "top_logprobs")?;
     let g = req.common.request(st, prompt, None)?;
     let n = req.common.n.unwrap_or(1) as usize;
-    Ok(Prepared { g, kind: Kind::Chat, lp, stream: req.common.stream, n })
+    let usage_chunk = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    Ok(Prepared { g, kind: Kind::Chat, lp, stream: req.common.stream, n, usage_chunk })
 }
 
 async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
@@ -676,15 +690,25 @@ async fn run(st: Arc<ApiState>, p: Prepared, t0: Instant) -> Result<Response, Ap
         if p.stream {
             // Nothing to generate: the stream is the finish chunk alone.
             let ch = Chunks::new(p.kind, &out, p.lp.is_some());
-            let last = ch.json(if p.kind == Kind::Chat { json!({}) } else { json!("") }, Some("length"));
-            let mut last = last;
-            last["usage"] = out["usage"].clone();
-            let events = vec![Ok::<_, Infallible>(Event::default().data(last.to_string())), Ok(Event::default().data("[DONE]"))];
+            let mut last = ch.json(if p.kind == Kind::Chat { json!({}) } else { json!("") }, Some("length"));
+            let mut chunks = Vec::new();
+            if p.usage_chunk {
+                chunks.push(last);
+                last = ch.usage_only(out["usage"].clone());
+            } else {
+                last["usage"] = out["usage"].clone();
+            }
+            chunks.push(last);
+            let events: Vec<Result<Event, Infallible>> = chunks
+                .into_iter()
+                .map(|c| Ok(Event::default().data(c.to_string())))
+                .chain([Ok(Event::default().data("[DONE]"))])
+                .collect();
             return Ok(Sse::new(tokio_stream::iter(events)).into_response());
         }
         return Ok(Json(out).into_response());
     }
-    let Prepared { g, kind, lp, .. } = p;
+    let Prepared { g, kind, lp, usage_chunk, .. } = p;
     let id = match kind {
         Kind::Completion => format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         Kind::Chat => format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
@@ -752,7 +776,17 @@ async fn run(st: Arc<ApiState>, p: Prepared, t0: Instant) -> Result<Response, Ap
                 return;
             }
         }
-        let last = ch.last(&st.tokenizer, gen_.finish, usage(n_prompt, gen_.tokens.len()));
+        let u = usage(n_prompt, gen_.tokens.len());
+        let mut last = ch.last(&st.tokenizer, gen_.finish, u.clone());
+        if usage_chunk {
+            if let Some(o) = last.as_object_mut() {
+                o.remove("usage");
+            }
+            if send(last).await.is_err() {
+                return;
+            }
+            last = ch.usage_only(u);
+        }
         if send(last).await.is_ok() {
             let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         }
@@ -823,6 +857,14 @@ impl Chunks {
         let mut v = self.json(delta, None);
         self.take_logprobs(&mut v, tok);
         self.sent += t.len();
+        v
+    }
+
+    /// The chunk of `stream_options.include_usage`: no choices, the whole request's usage.
+    fn usage_only(&self, usage: Value) -> Value {
+        let mut v = self.json(json!(""), None);
+        v["choices"] = json!([]);
+        v["usage"] = usage;
         v
     }
 

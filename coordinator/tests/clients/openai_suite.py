@@ -276,6 +276,19 @@ def case_chat_stream():
     raw_text = "".join(e["choices"][0]["delta"].get("content") or ""
                        for e in events if e["choices"])
     check(raw_text == want, "the raw stream differs", req, {"whole": want, "raw": raw_text})
+    # stream_options.include_usage: the usage comes last, in a chunk without choices.
+    events = sse("/chat/completions", dict(model=A.model, stream=True,
+                                           stream_options={"include_usage": True}, **req))
+    want_usage = {k: getattr(r.usage, k) for k in ("prompt_tokens", "completion_tokens",
+                                                   "total_tokens")}
+    check(events[-1]["choices"] == [] and events[-1]["usage"] == want_usage,
+          "include_usage: the last chunk", req, events[-2:])
+    check(all("usage" not in e or e["usage"] is None for e in events[:-1]),
+          "include_usage: usage before the last chunk", req, events[-3:])
+    chunks = list(client.chat.completions.create(model=A.model, stream=True,
+                                                 stream_options={"include_usage": True}, **req))
+    check(chunks[-1].usage is not None and chunks[-1].usage.total_tokens == r.usage.total_tokens
+          and not chunks[-1].choices, "include_usage through the client", req, chunks[-1])
 
 
 def case_completions():
