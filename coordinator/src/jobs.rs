@@ -100,6 +100,7 @@ pub struct Batch {
     pub failed_at: Option<u64>,
     pub cancelling_at: Option<u64>,
     pub cancelled_at: Option<u64>,
+    /// The end of the completion window (not enforced: batches do not expire).
     pub expires_at: u64,
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
@@ -120,7 +121,8 @@ impl Batch {
             "input_file_id": self.input_file_id, "completion_window": self.completion_window,
             "status": self.status, "output_file_id": self.output_file_id,
             "error_file_id": self.error_file_id, "created_at": self.created_at,
-            "in_progress_at": self.in_progress_at, "expires_at": self.expires_at,
+            // Batches here run until done or cancelled: none expires.
+            "in_progress_at": self.in_progress_at, "expires_at": null,
             "finalizing_at": self.finalizing_at, "completed_at": self.completed_at,
             "failed_at": self.failed_at, "expired_at": null, "cancelling_at": self.cancelling_at,
             "cancelled_at": self.cancelled_at,
@@ -519,6 +521,20 @@ impl Jobs {
         Ok(())
     }
 
+    /// Ends a running batch as `failed` with `why`.
+    fn fail(&self, id: &str, why: &str) -> Result<(), Error> {
+        let Some(mut b) = self.batch(id) else { return Ok(()) };
+        tracing::error!("batch {id}: {why}");
+        b.status = "failed".into();
+        b.failed_at = Some(now());
+        b.errors = Some(json!({"object": "list", "data": [{"code": "batch_failed", "message": why, "param": null, "line": null}]}));
+        self.save_batch(&b)?;
+        let mut st = self.state();
+        st.done.remove(id);
+        st.batches.insert(id.into(), b);
+        Ok(())
+    }
+
     /// The oldest batch the runner has work on.
     fn next_active(&self) -> Option<Batch> {
         let st = self.state();
@@ -554,13 +570,8 @@ async fn run_batch(st: &Arc<ApiState>, jobs: &Arc<Jobs>, b: &Batch, permits: &Ar
         let file = jobs.file(&b.input_file_id);
         let lines = match file.map(|f| jobs.parse_input(&f, &b.endpoint)) {
             Some(Ok(lines)) => lines,
-            // The input changed or vanished under a running batch: it cannot go on.
-            _ => {
-                return Err(Error::Corrupt {
-                    path: jobs.file_data(&b.input_file_id),
-                    msg: "the input file of a running batch is gone or no longer valid".into(),
-                });
-            }
+            // The input vanished or changed under a running batch: it cannot go on.
+            _ => return jobs.fail(&b.id, "the input file of the running batch is gone or no longer valid"),
         };
         let done = jobs.state().done.get(&b.id).cloned().unwrap_or_default();
         let mut tasks = tokio::task::JoinSet::new();
@@ -577,10 +588,12 @@ async fn run_batch(st: &Arc<ApiState>, jobs: &Arc<Jobs>, b: &Batch, permits: &Ar
             }
             let (st, jobs2, id) = (Arc::clone(st), Arc::clone(jobs), b.id.clone());
             tasks.spawn(async move {
-                let r = run_line(&st, &jobs2, &id, &line).await;
+                let (ok, record) = run_line(&st, &jobs2, &id, &line).await;
                 drop(permit);
-                let (ok, record) = r;
-                jobs2.record(&id, i, ok, record)
+                // The fsync stays off the async threads.
+                tokio::task::spawn_blocking(move || jobs2.record(&id, i, ok, record))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Corrupt { path: PathBuf::new(), msg: format!("recording a line: {e}") }))
             });
             // Reap finished lines as we go, so a journal error surfaces early.
             while let Some(r) = tasks.try_join_next() {
