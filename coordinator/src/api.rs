@@ -346,6 +346,18 @@ struct Part {
 }
 
 impl Common {
+    /// The checked request of `kind` for `prompt_tokens` (see [`Common::request`]).
+    fn prepared(&self, st: &ApiState, prompt_tokens: Vec<u32>, default_max: Option<usize>, kind: Kind, lp: Option<usize>) -> Result<Prepared, ApiError> {
+        Ok(Prepared {
+            g: self.request(st, prompt_tokens, default_max)?,
+            kind,
+            lp,
+            stream: self.stream,
+            n: self.n.unwrap_or(1) as usize,
+            usage_chunk: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        })
+    }
+
     /// The generation this request asks for, checked. `default_max`: OpenAI's default
     /// (16 for completions, the rest of the context for chat).
     fn request(&self, st: &ApiState, prompt_tokens: Vec<u32>, default_max: Option<usize>) -> Result<GenerateRequest, ApiError> {
@@ -477,10 +489,7 @@ pub(crate) fn prepare_completion(st: &ApiState, req: CompletionRequest) -> Resul
         }
     };
     let lp = want_logprobs(req.logprobs.is_some(), req.logprobs, 5, "logprobs")?;
-    let g = req.common.request(st, prompt, Some(16))?;
-    let n = req.common.n.unwrap_or(1) as usize;
-    let usage_chunk = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    Ok(Prepared { g, kind: Kind::Completion, lp, stream: req.common.stream, n, usage_chunk })
+    req.common.prepared(st, prompt, Some(16), Kind::Completion, lp)
 }
 
 /// Checks a `/v1/chat/completions` body and renders its chat.
@@ -515,10 +524,7 @@ pub(crate) fn prepare_chat(st: &ApiState, req: ChatRequest) -> Result<Prepared, 
         return Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true"));
     }
     let lp = want_logprobs(req.logprobs, req.top_logprobs, 20, "top_logprobs")?;
-    let g = req.common.request(st, prompt, None)?;
-    let n = req.common.n.unwrap_or(1) as usize;
-    let usage_chunk = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    Ok(Prepared { g, kind: Kind::Chat, lp, stream: req.common.stream, n, usage_chunk })
+    req.common.prepared(st, prompt, None, Kind::Chat, lp)
 }
 
 async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
@@ -636,10 +642,7 @@ async fn one_choice(st: &ApiState, p: &Prepared, mut rx: TokenRx, t0: Instant) -
 /// Runs a request whole (every choice) and returns its response body. Batch jobs run their
 /// lines through here too, at [`Priority::Background`].
 pub(crate) async fn answer_whole(st: &ApiState, p: &Prepared, priority: Priority, t0: Instant) -> Result<Value, ApiError> {
-    let id = match p.kind {
-        Kind::Completion => format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        Kind::Chat => format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-    };
+    let id = response_id(p.kind);
     let created = now();
     let n_prompt = p.g.prompt_tokens.len();
     let mut choices = Vec::with_capacity(p.n);
@@ -659,24 +662,32 @@ pub(crate) async fn answer_whole(st: &ApiState, p: &Prepared, priority: Priority
     }
     let n_gen: usize = choices.iter().map(|(g, _)| g.tokens.len()).sum();
     st.metrics.tokens(n_prompt, n_gen);
-    let mut out = whole(p.kind, &id, created, &st.model, &choices[0].0.text, choices[0].0.finish, usage(n_prompt, n_gen));
-    let first = out["choices"][0].clone();
-    let mut list = Vec::with_capacity(choices.len());
-    for (i, (gen_, sampled)) in choices.iter().enumerate() {
-        let mut c = first.clone();
-        c["index"] = json!(i);
-        c["finish_reason"] = json!(gen_.finish.as_str());
-        match p.kind {
-            Kind::Completion => c["text"] = json!(gen_.text),
-            Kind::Chat => c["message"]["content"] = json!(gen_.text),
-        }
-        if p.lp.is_some() {
-            c["logprobs"] = logprobs_json(&st.tokenizer, p.kind, sampled, 0);
-        }
-        list.push(c);
+    let list: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, (gen_, sampled))| {
+            let mut c = choice(p.kind, i, &gen_.text, gen_.finish);
+            if p.lp.is_some() {
+                c["logprobs"] = logprobs_json(&st.tokenizer, p.kind, sampled, 0);
+            }
+            c
+        })
+        .collect();
+    let object = match p.kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion",
+    };
+    Ok(json!({"id": id, "object": object, "created": created, "model": st.model, "choices": list,
+              "usage": usage(n_prompt, n_gen)}))
+}
+
+/// A fresh response id for `kind`.
+fn response_id(kind: Kind) -> String {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    match kind {
+        Kind::Completion => format!("cmpl-{n}"),
+        Kind::Chat => format!("chatcmpl-{n}"),
     }
-    out["choices"] = Value::Array(list);
-    Ok(out)
 }
 
 async fn run(st: Arc<ApiState>, p: Prepared, t0: Instant) -> Result<Response, ApiError> {
@@ -708,22 +719,11 @@ async fn run(st: Arc<ApiState>, p: Prepared, t0: Instant) -> Result<Response, Ap
         }
         return Ok(Json(out).into_response());
     }
+    let sub = submission(&p, 0, Priority::Interactive);
     let Prepared { g, kind, lp, usage_chunk, .. } = p;
-    let id = match kind {
-        Kind::Completion => format!("cmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        Kind::Chat => format!("chatcmpl-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-    };
+    let id = response_id(kind);
     let created = now();
     let n_prompt = g.prompt_tokens.len();
-    let sub = Submission {
-        prompt: g.prompt_tokens.clone(),
-        params: g.params.clone(),
-        logprobs: lp.is_some(),
-        top_logprobs: lp.unwrap_or(0),
-        max_tokens: g.max_tokens,
-        forced: None,
-        priority: Priority::Interactive,
-    };
     let mut rx = st.scheduler.submit(sub).await.map_err(ApiError::from_cluster)?;
     let (tx, events) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
@@ -881,18 +881,11 @@ impl Chunks {
     }
 }
 
-fn whole(kind: Kind, id: &str, created: u64, model: &str, text: &str, finish: FinishReason, usage: Value) -> Value {
+/// Choice `index` of a whole answer, without logprobs.
+fn choice(kind: Kind, index: usize, text: &str, finish: FinishReason) -> Value {
     match kind {
-        Kind::Completion => json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish.as_str()}],
-            "usage": usage,
-        }),
-        Kind::Chat => json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null,
-                         "finish_reason": finish.as_str()}],
-            "usage": usage,
-        }),
+        Kind::Completion => json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish.as_str()}),
+        Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": null,
+                             "finish_reason": finish.as_str()}),
     }
 }

@@ -190,7 +190,10 @@ fn safe_id(id: &str) -> bool {
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsynced, renamed over it.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
+    // `ID.json.tmp`, `ID.data.tmp`: never the temp file of a sibling.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -248,6 +251,25 @@ pub fn read_results(path: &Path, repair: bool) -> Result<Vec<Value>, Error> {
     Ok(out)
 }
 
+/// The lines a journal has records for, and how many of them succeeded and failed (a line
+/// recorded twice counts once).
+fn tally(records: &[Value]) -> (HashSet<usize>, usize, usize) {
+    let mut done = HashSet::new();
+    let (mut ok, mut failed) = (0, 0);
+    for r in records {
+        if let Some(i) = r["line"].as_u64()
+            && done.insert(i as usize)
+        {
+            if r["ok"].as_bool() == Some(true) {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    (done, ok, failed)
+}
+
 impl Jobs {
     /// Opens (creating) the state directory `dir`, locks it and reads its files and batches.
     pub fn open(dir: &Path) -> Result<Jobs, Error> {
@@ -283,20 +305,7 @@ impl Jobs {
         let jobs = Jobs { dir: dir.to_path_buf(), state: Mutex::new(st), wake: Notify::new(), _lock: lock };
         let active: Vec<String> = jobs.state().batches.values().filter(|b| b.active()).map(|b| b.id.clone()).collect();
         for id in active {
-            let records = read_results(&jobs.results_path(&id), true)?;
-            let mut done = HashSet::new();
-            let (mut ok, mut failed) = (0, 0);
-            for r in &records {
-                if let Some(i) = r["line"].as_u64()
-                    && done.insert(i as usize)
-                {
-                    if r["ok"].as_bool() == Some(true) {
-                        ok += 1;
-                    } else {
-                        failed += 1;
-                    }
-                }
-            }
+            let (done, ok, failed) = tally(&read_results(&jobs.results_path(&id), true)?);
             let mut st = jobs.state();
             if let Some(b) = st.batches.get_mut(&id) {
                 tracing::info!("batch {id}: resuming with {} of {} lines done", done.len(), b.total);
@@ -876,17 +885,7 @@ pub fn read_dir_batches(dir: &Path) -> Result<Vec<Batch>, Error> {
         let text = fs::read_to_string(&p).map_err(io(&p))?;
         let mut b: Batch = serde_json::from_str(&text).map_err(|e| Error::Corrupt { path: p.clone(), msg: e.to_string() })?;
         if b.active() {
-            let mut seen = HashSet::new();
-            let (mut ok, mut failed) = (0, 0);
-            for r in read_results(&d.join(format!("{}.results.jsonl", b.id)), false)? {
-                if r["line"].as_u64().is_some_and(|i| seen.insert(i)) {
-                    if r["ok"].as_bool() == Some(true) {
-                        ok += 1;
-                    } else {
-                        failed += 1;
-                    }
-                }
-            }
+            let (_, ok, failed) = tally(&read_results(&d.join(format!("{}.results.jsonl", b.id)), false)?);
             b.completed = ok;
             b.failed = failed;
         }

@@ -198,13 +198,8 @@ fn serve_checks_api_keys_and_enforces_its_limits() {
     assert_eq!(st, 200);
     assert!(text.contains("data: [DONE]"), "{text}");
     // /health needs no key.
-    let hostport = base.trim_start_matches("http://").trim_end_matches("/v1").to_string();
-    let mut s = std::net::TcpStream::connect(&hostport).unwrap();
-    use std::io::{Read, Write};
-    write!(s, "GET /health HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut h = String::new();
-    s.read_to_string(&mut h).unwrap();
-    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    let (st, h) = get(&base, "/health");
+    assert_eq!(st, 200, "{h}");
 }
 
 /// Admission by KV budget: a stage with room for about 180 tokens (4 MiB at 23 KB a token)
@@ -214,7 +209,7 @@ fn serve_checks_api_keys_and_enforces_its_limits() {
 #[test]
 fn kv_budget_queues_a_burst_and_refuses_what_cannot_fit() {
     let mut procs = Procs::default();
-    let (_, out, _) = serve(&mut procs, &["--workers", "1", "--kv-budget-mib", "4", "--max-queue", "1"]);
+    let (_, out, pid) = serve(&mut procs, &["--workers", "1", "--kv-budget-mib", "4", "--max-queue", "1"]);
     let base = serving(out);
     let never = r#"{"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}"#;
     let (st, text) = http(&base, "/v1/completions", None, never);
@@ -246,4 +241,26 @@ fn kv_budget_queues_a_burst_and_refuses_what_cannot_fit() {
     assert!(ta.contains("data: [DONE]") && tb.contains("data: [DONE]"));
     assert_eq!(text_of(&ta), text_of(&tb));
     assert!(text_of(&ta).len() > 100, "{ta}");
+
+    // /health is true while the pipeline can serve, and says what is wrong once it cannot.
+    let (st, text) = get(&base, "/health");
+    assert_eq!(st, 200, "{text}");
+    assert!(text.ends_with(r#"{"status":"ok"}"#), "{text}");
+    let kids = String::from_utf8(Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap().stdout).unwrap();
+    let worker = kids.split_whitespace().next().expect("the local worker");
+    assert!(Command::new("kill").args(["-KILL", worker]).status().unwrap().success());
+    let (st, text) = get(&base, "/health");
+    assert_eq!(st, 503, "{text}");
+    assert!(text.contains(r#""status":"unavailable""#) && text.contains("stage 0"), "{text}");
+}
+
+/// A GET on a fresh connection; returns (status, headers + body text).
+fn get(base: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let hostport = base.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
 }

@@ -45,18 +45,10 @@ pub fn run(a: JobsArgs) -> Result<()> {
     super::print_stdout(&out)
 }
 
-/// `YYYY-MM-DD HH:MM:SS` of a Unix time (civil-from-days, proleptic Gregorian).
+/// `YYYY-MM-DD HH:MM:SS` of a Unix time.
 fn utc(t: u64) -> String {
-    let (days, secs) = ((t / 86400) as i64, t % 86400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = shoal_model::chat::civil_from_days((t / 86400) as i64);
+    let secs = t % 86400;
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 

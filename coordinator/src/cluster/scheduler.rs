@@ -166,7 +166,7 @@ impl Scheduler {
 
     /// KV bytes a sequence reserves on each stage: its worst case of `tokens` positions.
     pub fn kv_need(&self, tokens: usize) -> Vec<u64> {
-        self.kv_per_token.iter().map(|&b| b * tokens.min(self.n_ctx) as u64).collect()
+        kv_need(&self.kv_per_token, self.n_ctx, tokens)
     }
 
     /// Per stage KV budget (0: unlimited).
@@ -390,22 +390,22 @@ impl Core {
         while self.waiting_background.front().is_some_and(|(_, o)| o.is_closed()) {
             self.waiting_background.pop_front();
         }
-        let background_active = self.seqs.values().filter(|s| s.background).count();
         let queue = if !self.waiting.is_empty() {
             &mut self.waiting
-        } else if background_active < self.cfg.background_seqs && !self.waiting_background.is_empty() {
+        } else if !self.waiting_background.is_empty()
+            && self.seqs.values().filter(|s| s.background).count() < self.cfg.background_seqs
+        {
             &mut self.waiting_background
         } else {
             return None;
         };
         let (s, _) = queue.front()?;
-        let tokens = (s.prompt.len() + s.max_tokens).min(self.pipeline.n_ctx) as u64;
-        let fits = self
-            .kv_per_token
+        let need = kv_need(&self.kv_per_token, self.pipeline.n_ctx, s.prompt.len() + s.max_tokens);
+        let fits = need
             .iter()
             .zip(&self.kv_reserved)
             .zip(&self.cfg.kv_budget)
-            .all(|((&per, &held), &budget)| budget == 0 || held + per * tokens <= budget);
+            .all(|((&n, &held), &budget)| budget == 0 || held + n <= budget);
         if !fits {
             return None;
         }
@@ -416,8 +416,7 @@ impl Core {
     async fn fill(&mut self) -> Result<()> {
         while self.seqs.len() < self.cfg.max_seqs {
             let Some((s, out)) = self.admit_next() else { break };
-            let tokens = (s.prompt.len() + s.max_tokens).min(self.pipeline.n_ctx) as u64;
-            let reserved: Vec<u64> = self.kv_per_token.iter().map(|&b| b * tokens).collect();
+            let reserved = kv_need(&self.kv_per_token, self.pipeline.n_ctx, s.prompt.len() + s.max_tokens);
             for (r, &b) in self.kv_reserved.iter_mut().zip(&reserved) {
                 *r += b;
             }
@@ -668,6 +667,12 @@ async fn next_result(st: Option<&mut Stream>) -> Result<v1::ForwardResult> {
     })
     .await;
     r.unwrap_or(Err(Error::Timeout(STEP_TIMEOUT)))
+}
+
+/// KV bytes per stage of `tokens` positions (at most the context), from each stage's bytes
+/// per token: what a sequence of prompt + `max_tokens` reserves.
+fn kv_need(per_token: &[u64], n_ctx: usize, tokens: usize) -> Vec<u64> {
+    per_token.iter().map(|&b| b * tokens.min(n_ctx) as u64).collect()
 }
 
 /// A route id for a `Results` stream: random, non-zero.

@@ -634,23 +634,34 @@ def case_health_metrics():
         check(r.status == 200, f"/health answered {r.status}")
         v = json.loads(r.read())
     check(v == {"status": "ok"}, "/health body", None, v)
-    chat_whole(messages=CHAT, max_tokens=4, temperature=0)
-    req = urllib.request.Request(root + "/metrics", headers={
-        "Authorization": f"Bearer {A.api_key or 'unused'}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        check(r.headers.get("content-type", "").startswith("text/plain"), "content-type",
-              None, r.headers.get("content-type"))
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            k, v = line.rsplit(" ", 1)
-            values[k] = float(v)
-    ok = values.get('shoal_requests_total{endpoint="chat_completions",code="200"}', 0)
-    check(ok >= 1, "no counted 200 chat request", None, text[:2000])
-    check(values.get("shoal_time_to_first_token_seconds_count", 0) >= 1, "no TTFT sample", None,
-          text[:2000])
-    check(values.get("shoal_completion_tokens_total", 0) >= 4, "tokens out", None, text[:2000])
+
+    def scrape():
+        req = urllib.request.Request(root + "/metrics", headers={
+            "Authorization": f"Bearer {A.api_key or 'unused'}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            check(r.headers.get("content-type", "").startswith("text/plain"), "content-type",
+                  None, r.headers.get("content-type"))
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                k, v = line.rsplit(" ", 1)
+                values[k] = float(v)
+        return text, values
+
+    # One request moves the counters by exactly its own figures.
+    _, before = scrape()
+    r, _ = chat_whole(messages=CHAT, max_tokens=4, temperature=0)
+    text, values = scrape()
+
+    def delta(k):
+        return values.get(k, 0) - before.get(k, 0)
+
+    ok200 = 'shoal_requests_total{endpoint="chat_completions",code="200"}'
+    got = (delta(ok200), delta("shoal_time_to_first_token_seconds_count"),
+           delta("shoal_prompt_tokens_total"), delta("shoal_completion_tokens_total"))
+    want = (1, 1, r.usage.prompt_tokens, r.usage.completion_tokens)
+    check(got == want, f"/metrics moved by {got} for one request, want {want}", None, text[:2000])
     for stage in ("0", "1"):
         up = [v for k, v in values.items() if k.startswith(f'shoal_stage_up{{stage="{stage}"')]
         check(up == [1.0], f"stage {stage} is not up", None, text)
