@@ -723,3 +723,51 @@ async fn top_logprobs_through_2_workers_equal_the_engine() {
         assert_eq!(g.top[0].0, g.token, "greedy picks the most likely token");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibration_times_the_models_blocks_and_refuses_bad_probes() {
+    let cluster = start(1);
+    let mut c = raw_client(&cluster.addrs()[0]).await;
+    let f = GgufFile::open(model_path(SMOLLM2)).unwrap();
+    let desc = shoal_planner::ModelDesc::from_header(SMOLLM2, f.header()).unwrap();
+    // SmolLM2's 30 blocks share one shape (7 Q4_1 matrices); its head is the tied Q8_0
+    // embedding.
+    let probes = pipeline::probes_for(&desc);
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    assert_eq!(probes[0].len(), 7);
+    assert!(probes[0].iter().all(|m| m.ty == shoal_kernels::GgmlType::Q4_1 && (m.cols == 576 || m.cols == 1536)), "{probes:?}");
+    assert_eq!((probes[1][0].ty, probes[1][0].rows, probes[1][0].cols), (shoal_kernels::GgmlType::Q8_0, 49152, 576));
+    let shape = |ty: &str, rows, cols| v1::MatrixShape { r#type: ty.into(), rows, cols };
+    let req = |probes: Vec<Vec<v1::MatrixShape>>, attention| v1::InventoryRequest {
+        calibrate: true,
+        threads: 1,
+        probes: probes.into_iter().map(|matrices| v1::ShapeProbe { matrices }).collect(),
+        attention,
+    };
+    // A block of 16 times the bytes of another takes longer (both stream from 64 MiB).
+    let small = vec![shape("Q8_0", 256, 1024)];
+    let large = vec![shape("Q8_0", 4096, 1024)];
+    let att = v1::AttentionShape { n_head: 9, n_head_kv: 3, head_dim: 64 };
+    let inv = c.get_inventory(req(vec![small.clone(), large], Some(att))).await.unwrap().into_inner();
+    let cal = inv.calibration.unwrap();
+    assert_eq!(cal.probe_s.len(), 2);
+    assert!(cal.probe_s[0] > 0.0 && cal.probe_s[1] > 4.0 * cal.probe_s[0], "{:?}", cal.probe_s);
+    assert!(cal.attention_per_position_s > 0.0 && cal.attention_per_position_s < 1e-3, "{cal:?}");
+    // Bad probes are refused before anything is allocated; the worker keeps serving.
+    type Probes = Vec<Vec<v1::MatrixShape>>;
+    let bad: Vec<(Probes, Option<v1::AttentionShape>, &str)> = vec![
+        (vec![vec![shape("Q9_9", 16, 256)]], None, "unknown type"),
+        (vec![vec![shape("Q8_0", 16, 100)]], None, "probe 0"),
+        (vec![vec![shape("Q8_0", 0, 256)]], None, "a 0x256 matrix"),
+        (vec![vec![shape("F32", 1 << 20, 1 << 20)]], None, "bytes of matrices"),
+        (vec![small.clone(); 17], None, "17 probes"),
+        (vec![], Some(v1::AttentionShape { n_head: 9, n_head_kv: 2, head_dim: 64 }), "attention shape"),
+        (vec![], Some(v1::AttentionShape { n_head: 8, n_head_kv: 0, head_dim: 64 }), "attention shape"),
+    ];
+    for (probes, att, want) in bad {
+        let e = c.get_inventory(req(probes, att)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{want}: {e:?}");
+        assert!(e.message().contains(want), "{want}: {}", e.message());
+    }
+    assert!(c.get_inventory(req(vec![small], None)).await.is_ok());
+}

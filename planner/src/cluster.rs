@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use shoal_kernels::GgmlType;
 
 use crate::PlanError;
+use crate::model::MatShape;
 
 const GB: f64 = 1e9;
 /// Largest cluster a file may describe (the optimizer's work grows with the square of the
@@ -61,6 +62,12 @@ pub struct KernelRates {
     pub elementwise_s: f64,
     /// Handing a step to the compute thread and back.
     pub handoff_s: f64,
+    /// Measured seconds for one activation row through exactly these matrices (a block's,
+    /// or the head's), dispatch and barriers included; preferred over the per-type rates.
+    pub probes: Vec<(Vec<MatShape>, f64)>,
+    /// One token's attention over n cached positions of one block: fixed + n × per position
+    /// seconds, measured for the model's head counts.
+    pub attention: Option<(f64, f64)>,
 }
 
 impl KernelRates {
@@ -80,6 +87,14 @@ impl KernelRates {
                 .fold(f64::MAX, f64::min)
                 .max(1.0)
         })
+    }
+
+    /// Measured time of one row through `mats`, if they were probed.
+    pub fn probe(&self, mats: &[MatShape]) -> Option<f64> {
+        if mats.is_empty() {
+            return None;
+        }
+        self.probes.iter().find(|(m, s)| *s > 0.0 && m == mats).map(|p| p.1)
     }
 
     pub fn row_overhead(&self, ty: GgmlType) -> f64 {

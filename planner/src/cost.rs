@@ -8,7 +8,7 @@
 //! `docs/planner.md`.
 
 use crate::cluster::{Device, KernelRates};
-use crate::model::{Ends, LayerDesc, ModelDesc, TypeBytes};
+use crate::model::{Ends, LayerDesc, MatShape, ModelDesc, TypeBytes};
 
 /// Matrix-product-like calls per block in shoal's CPU executor (Q, K, V, the attention, O,
 /// gate, up, down), each paying the measured fixed cost of a call.
@@ -55,6 +55,7 @@ pub struct ModelCost {
     pub layers: Vec<LayerDesc>,
     pub ends: Ends,
     pub head_types: TypeBytes,
+    pub head_mats: Vec<MatShape>,
     pub n_embd: f64,
     /// Widest FFN (dense or one expert): sizes the scratch.
     pub n_ff: f64,
@@ -93,6 +94,7 @@ impl ModelCost {
             layers: m.layers(),
             ends: m.ends(),
             head_types,
+            head_mats: m.head_mats(),
             n_embd: m.n_embd as f64,
             n_ff,
             n_vocab: m.n_vocab as f64,
@@ -157,6 +159,20 @@ pub fn matmul_time(
     }
 }
 
+/// [`matmul_time`] of dense matrices whose exact shapes are `mats`: on a live worker that
+/// timed them (`KernelRates::probes`), one row costs the measured time (calls included)
+/// and a batch the larger of that and its bytes at the batched rates. The flag says whether
+/// the probe was used, so the caller does not charge the calls twice.
+pub fn dense_matmul_time(d: &Device, types: &TypeBytes, mats: &[MatShape], flops: f64, tokens: f64) -> (f64, bool) {
+    match d.rates.as_ref().and_then(|r| Some((r, r.probe(mats)?))) {
+        Some((r, single)) => {
+            let batched: f64 = types.0.iter().map(|s| tokens * s.bytes as f64 / r.batch_rate(s.ty)).sum();
+            (single.max(batched), true)
+        }
+        None => (matmul_time(d, types, flops, tokens, 1.0, 1.0), false),
+    }
+}
+
 /// Measured-rate version of the roofline: one row streams the touched bytes at the single-row
 /// rate plus a fixed cost per touched matrix row; a batch costs rows × bytes at the batched
 /// rate; whichever is slower.
@@ -166,18 +182,24 @@ fn rated(r: &KernelRates, s: &crate::model::TypeShare, tokens: f64, touch: f64, 
     single.max(tokens * bytes * work / r.batch_rate(s.ty))
 }
 
-/// Seconds of one layer's attention that reads `positions` cached positions from memory and
-/// computes `pairs` (query, position) products.
-pub fn attention_time(d: &Device, c: &ModelCost, positions: f64, pairs: f64) -> f64 {
-    (c.kv_per_token_layer * positions / d.bandwidth).max(c.attn_flops_per_pos * pairs / d.flops)
+/// Seconds of one layer's attention for `queries` query tokens that read `positions` cached
+/// positions from memory and compute `pairs` (query, position) products: on a live worker
+/// that timed the model's attention, its measured cost per query and per pair; elsewhere
+/// the FLOPs at the device's compute; never less than the cache bytes at its bandwidth.
+pub fn attention_time(d: &Device, c: &ModelCost, queries: f64, positions: f64, pairs: f64) -> f64 {
+    let compute = match d.rates.as_ref().and_then(|r| r.attention) {
+        Some((fixed, per_pos)) => queries * fixed + pairs * per_pos,
+        None => c.attn_flops_per_pos * pairs / d.flops,
+    };
+    (c.kv_per_token_layer * positions / d.bandwidth).max(compute)
 }
 
 /// Fixed cost per block per step: kernel launches, or on live workers the measured cost of
-/// each matrix product call.
-pub fn layer_overhead(d: &Device) -> f64 {
+/// each matrix product call; for `calls` of a block's [`DISPATCHES_PER_LAYER`] calls.
+pub fn layer_overhead(d: &Device, calls: f64) -> f64 {
     match &d.rates {
-        Some(r) => DISPATCHES_PER_LAYER * r.call_overhead_s,
-        None => d.layer_overhead_s,
+        Some(r) => calls * r.call_overhead_s,
+        None => d.layer_overhead_s * calls / DISPATCHES_PER_LAYER,
     }
 }
 
@@ -187,12 +209,19 @@ pub fn vector_work(d: &Device, c: &ModelCost, tokens: f64) -> f64 {
     d.rates.as_ref().map_or(0.0, |r| r.elementwise_s * c.vector_elems * tokens)
 }
 
+/// One block's dense matrices, attention and fixed costs on `d` for `tokens` query tokens
+/// over `positions` cached positions with `pairs` products.
+fn dense_block(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64, positions: f64, pairs: f64) -> f64 {
+    let (mm, probed) = dense_matmul_time(d, &l.dense, &l.mats, l.dense_flops, tokens);
+    // A probe timed the block's matrix calls; the attention call is left.
+    let calls = if probed { (DISPATCHES_PER_LAYER - l.mats.len() as f64).max(1.0) } else { DISPATCHES_PER_LAYER };
+    mm + attention_time(d, c, tokens, positions, pairs) + layer_overhead(d, calls) + vector_work(d, c, tokens)
+}
+
 /// Decode time of one block's dense part on `d` for a batch of `tokens` sequences.
 pub fn dense_decode(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64, w: &Workload) -> f64 {
-    matmul_time(d, &l.dense, l.dense_flops, tokens, 1.0, 1.0)
-        + attention_time(d, c, w.mean_ctx() * tokens, w.mean_ctx() * tokens)
-        + layer_overhead(d)
-        + vector_work(d, c, tokens)
+    let pos = w.mean_ctx() * tokens;
+    dense_block(d, c, l, tokens, pos, pos)
 }
 
 /// Time of one block's routed experts on `d` for `tokens` tokens (decode or prefill: a batch
@@ -206,19 +235,74 @@ pub fn experts_time(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64) -> f6
 
 /// Prefill time of one block without its routed experts, for a chunk of `tokens` tokens.
 pub fn dense_prefill(d: &Device, c: &ModelCost, l: &LayerDesc, tokens: f64) -> f64 {
-    matmul_time(d, &l.dense, l.dense_flops, tokens, 1.0, 1.0)
-        + attention_time(d, c, tokens, tokens * tokens / 2.0)
-        + layer_overhead(d)
-        + vector_work(d, c, tokens)
+    dense_block(d, c, l, tokens, tokens, tokens * tokens / 2.0)
 }
 
 /// Time of the head (output norm + matrix) for `tokens` rows.
 pub fn head_time(d: &Device, c: &ModelCost, tokens: f64) -> f64 {
-    matmul_time(d, &c.head_types, c.ends.head_flops, tokens, 1.0, 1.0)
-        + layer_overhead(d) / DISPATCHES_PER_LAYER.max(1.0)
+    let (mm, probed) = dense_matmul_time(d, &c.head_types, &c.head_mats, c.ends.head_flops, tokens);
+    mm + if probed { 0.0 } else { layer_overhead(d, 1.0) }
 }
 
 /// Fixed cost of a stage per step: waking its compute threads (measured on live workers).
 pub fn step_overhead(d: &Device) -> f64 {
     d.rates.as_ref().map_or(0.0, |r| r.wake_s + r.handoff_s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::DeviceKind;
+    use shoal_kernels::GgmlType;
+
+    fn live_cpu(probes: Vec<(Vec<MatShape>, f64)>, attention: Option<(f64, f64)>) -> Device {
+        let rates = KernelRates {
+            single: vec![(GgmlType::Q4_K, 20e9), (GgmlType::Q6_K, 20e9)],
+            batch: vec![(GgmlType::Q4_K, 100e9), (GgmlType::Q6_K, 100e9)],
+            batch_rows: 32,
+            call_overhead_s: 2e-6,
+            probes,
+            attention,
+            ..KernelRates::default()
+        };
+        Device {
+            name: "CPU".into(),
+            kind: DeviceKind::Cpu,
+            memory: 1 << 40,
+            reserve: 0,
+            bandwidth: 50e9,
+            flops: 1e12,
+            layer_overhead_s: 20e-6,
+            rates: Some(rates),
+        }
+    }
+
+    #[test]
+    fn a_probed_block_costs_its_measured_time() {
+        let m = crate::catalog::lookup("qwen3-32b:q4_k_m").unwrap();
+        let w = Workload::new(4096, 1);
+        let c = ModelCost::new(&m, &w);
+        let l = &c.layers[0];
+        // Q, K, V, O, gate, up, down: the matrices in the block, none of the norms.
+        assert_eq!(l.mats.len(), 7, "{:?}", l.mats);
+        assert_eq!(c.head_mats.len(), 1);
+        let unprobed = dense_decode(&live_cpu(vec![], None), &c, l, 1.0, &w);
+        // With the block's shapes timed at 5 ms, one token costs those 5 ms, one call for
+        // the attention and the rest as before.
+        let d = live_cpu(vec![(l.mats.clone(), 5e-3)], None);
+        let rest = attention_time(&d, &c, 1.0, w.mean_ctx(), w.mean_ctx()) + 2e-6 + vector_work(&d, &c, 1.0);
+        assert!((dense_decode(&d, &c, l, 1.0, &w) - (5e-3 + rest)).abs() < 1e-12);
+        assert!((unprobed - 5e-3 - rest).abs() > 1e-4, "the probe must change the figure: {unprobed}");
+        // Another shape is not matched; a batch costs at least its bytes at the batched rate.
+        let other = live_cpu(vec![(c.head_mats.clone(), 5e-3)], None);
+        assert_eq!(dense_decode(&other, &c, l, 1.0, &w), unprobed);
+        let big = 10_000.0;
+        let batched = l.dense.total() as f64 * big / 100e9;
+        assert!(dense_matmul_time(&d, &l.dense, &l.mats, l.dense_flops, big).0 >= batched);
+        // Measured attention: fixed + per position, per query.
+        let a = live_cpu(vec![], Some((1e-6, 1e-8)));
+        let t = attention_time(&a, &c, 2.0, 2.0 * 1000.0, 2.0 * 1000.0);
+        let floor = c.kv_per_token_layer * 2000.0 / 50e9;
+        assert!((t - (2e-6_f64 + 2000.0 * 1e-8).max(floor)).abs() < 1e-15, "{t}");
+    }
 }

@@ -86,6 +86,11 @@ impl TensorDesc {
         if self.is_matrix() { self.dims[1..].iter().product() } else { 0 }
     }
 
+    /// The matrix shape of a weight matrix (higher dimensions fold into rows).
+    pub fn shape(&self) -> Option<MatShape> {
+        self.is_matrix().then(|| MatShape { ty: self.ty, rows: self.rows(), cols: self.dims[0] })
+    }
+
     /// Whether this is a weight matrix (2-D or more) rather than a norm or a bias.
     pub fn is_matrix(&self) -> bool {
         self.dims.len() >= 2 && self.dims[1] > 1
@@ -263,9 +268,18 @@ impl ModelDesc {
             } else {
                 d.dense.add(t.ty, t.bytes, t.rows());
                 d.dense_flops += flops;
+                if let Some(m) = t.shape() {
+                    d.mats.push(m);
+                }
             }
         }
         out
+    }
+
+    /// The head's matrices (the embedding's when the head is tied).
+    pub fn head_mats(&self) -> Vec<MatShape> {
+        let role = if self.tied_head() { Role::Embed } else { Role::Head };
+        self.tensors.iter().filter(|t| t.role == role).filter_map(TensorDesc::shape).collect()
     }
 
     /// Bytes and per-token FLOPs of the embedding and of the head (norm + output matrix; the
@@ -312,6 +326,17 @@ pub struct LayerDesc {
     pub experts: TypeBytes,
     /// FLOPs of all experts for one token (a token computes `n_expert_used / n_expert`).
     pub expert_flops: f64,
+    /// The matrices of `dense`, in file order: the shapes a live worker times
+    /// (`KernelRates::probes`).
+    pub mats: Vec<MatShape>,
+}
+
+/// A weight matrix as the kernels see it: `rows` outputs of `cols` inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatShape {
+    pub ty: GgmlType,
+    pub rows: u64,
+    pub cols: u64,
 }
 
 /// Bytes and matrix rows per tensor type (kernels run at different speeds per type, and

@@ -808,7 +808,7 @@ fn bottleneck(ctx: &Ctx<'_>, t: &UnitTable, r: Range<usize>, offload: usize, bat
         let ld = &mc.layers[l];
         let resident = l < r.end - offload;
         if d.rates.is_some() {
-            items[2].0 += cost::matmul_time(d, &ld.dense, ld.dense_flops, batch, 1.0, 1.0)
+            items[2].0 += cost::dense_matmul_time(d, &ld.dense, &ld.mats, ld.dense_flops, batch).0
                 + if resident { cost::experts_time(d, mc, ld, batch) } else { 0.0 };
         } else {
             let (e_bytes, e_flops) = if resident {
@@ -819,7 +819,7 @@ fn bottleneck(ctx: &Ctx<'_>, t: &UnitTable, r: Range<usize>, offload: usize, bat
             items[0].0 += (ld.dense.total() as f64 + e_bytes) / d.bandwidth;
             items[1].0 += batch * (ld.dense_flops + e_flops) / d.flops;
         }
-        items[3].0 += cost::layer_overhead(d) + cost::vector_work(d, mc, batch);
+        items[3].0 += cost::layer_overhead(d, cost::DISPATCHES_PER_LAYER) + cost::vector_work(d, mc, batch);
         if !resident {
             items[4].0 += cost::experts_time(&t.cpu, mc, ld, batch);
         }

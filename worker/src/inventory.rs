@@ -217,5 +217,128 @@ pub fn calibrate(threads: usize) -> v1::KernelCalibration {
         wake_s,
         elementwise_s,
         handoff_s: if handoff_s == f64::MAX { 0.0 } else { handoff_s },
+        ..Default::default()
     }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Most probes one request may ask for, and most bytes of matrices in one.
+pub const MAX_PROBES: usize = 16;
+pub const MAX_PROBE_BYTES: u64 = 512 << 20;
+const MAX_PROBE_MATRICES: usize = 64;
+
+/// Checks a calibration request's probes before any memory is allocated for them.
+pub fn check_probes(probes: &[v1::ShapeProbe], attention: Option<&v1::AttentionShape>) -> Result<(), String> {
+    if probes.len() > MAX_PROBES {
+        return Err(format!("{} probes, at most {MAX_PROBES}", probes.len()));
+    }
+    for (i, p) in probes.iter().enumerate() {
+        if p.matrices.len() > MAX_PROBE_MATRICES {
+            return Err(format!("probe {i} has {} matrices, at most {MAX_PROBE_MATRICES}", p.matrices.len()));
+        }
+        let mut total = 0u64;
+        for m in &p.matrices {
+            let ty = GgmlType::from_name(&m.r#type).ok_or_else(|| format!("probe {i}: unknown type {:?}", m.r#type))?;
+            if m.rows == 0 || m.cols == 0 || m.cols > 1 << 20 {
+                return Err(format!("probe {i}: a {}x{} matrix", m.rows, m.cols));
+            }
+            let row = row_bytes(ty, m.cols as usize).map_err(|e| format!("probe {i}: {e}"))? as u64;
+            total = total.saturating_add(row.saturating_mul(m.rows));
+        }
+        if total > MAX_PROBE_BYTES {
+            return Err(format!("probe {i} has {total} bytes of matrices, at most {MAX_PROBE_BYTES}"));
+        }
+    }
+    if let Some(a) = attention {
+        let ok = a.n_head_kv > 0 && a.n_head % a.n_head_kv == 0 && a.n_head <= 1024 && (1..=1024).contains(&a.head_dim);
+        if !ok {
+            return Err(format!("attention shape of {} heads, {} kv heads, head dim {}", a.n_head, a.n_head_kv, a.head_dim));
+        }
+    }
+    Ok(())
+}
+
+/// Times one activation row through each probe's matrices on `threads` threads, in the
+/// order given, the way a block runs them: copies of the probe fill at least 64 MiB, so the
+/// weights stream from memory as a model's do; the median pass of a quarter of a second.
+/// Returns seconds per probe (0 where a matrix cannot be built). [`check_probes`] first.
+pub fn probe_blocks(threads: usize, probes: &[v1::ShapeProbe]) -> Vec<f64> {
+    const ARENA: u64 = 64 << 20;
+    let pool = ThreadPool::new(threads.max(1));
+    let mut scratch = Vec::new();
+    probes
+        .iter()
+        .map(|p| {
+            let mats: Option<Vec<(GgmlType, usize, usize, usize)>> = p
+                .matrices
+                .iter()
+                .map(|m| {
+                    let ty = GgmlType::from_name(&m.r#type)?;
+                    let row = row_bytes(ty, m.cols as usize).ok()?;
+                    Some((ty, m.rows as usize, m.cols as usize, row * m.rows as usize))
+                })
+                .collect();
+            let Some(mats) = mats.filter(|m| !m.is_empty()) else { return 0.0 };
+            let bytes: u64 = mats.iter().map(|m| m.3 as u64).sum();
+            let copies = (ARENA / bytes.max(1)).max(1) as usize;
+            // 0x3C bytes: every f16 scale is 1.06, so no value is NaN or subnormal.
+            let data: Vec<Vec<Vec<u8>>> = (0..copies).map(|_| mats.iter().map(|m| vec![0x3Cu8; m.3]).collect()).collect();
+            let x = vec![0.5f32; mats.iter().map(|m| m.2).max().unwrap_or(0)];
+            let mut out = vec![0f32; mats.iter().map(|m| m.1).max().unwrap_or(0)];
+            // The median pass, not the best: the plan predicts a sustained rate, and on a
+            // machine whose memory is shared the best pass is the lucky one. Passes go on
+            // for a quarter of a second (at least eight), to span the machine's swings.
+            let mut passes = Vec::new();
+            let start = Instant::now();
+            for rep in 0.. {
+                if rep > 8 && start.elapsed().as_secs_f64() > 0.25 {
+                    break;
+                }
+                let t = Instant::now();
+                for copy in &data {
+                    for (&(ty, rows, cols, _), d) in mats.iter().zip(copy) {
+                        let Ok(m) = QMatrix::new(ty, rows, cols, d) else { return 0.0 };
+                        matmul(&pool, &m, &x[..cols], 1, &mut out[..rows], &mut scratch);
+                    }
+                }
+                if rep > 0 {
+                    passes.push(t.elapsed().as_secs_f64() / copies as f64);
+                }
+            }
+            median(&mut passes)
+        })
+        .collect()
+}
+
+/// Times one token's attention (ggml's flash-attention numerics, as the executor runs it)
+/// over 128 and 1024 cached positions of `shape` on `threads` threads: (fixed seconds,
+/// seconds per position). [`check_probes`] first.
+pub fn probe_attention(threads: usize, shape: &v1::AttentionShape) -> (f64, f64) {
+    use shoal_kernels::attention::{AttnNumerics, AttnShape, attention_with};
+    let pool = ThreadPool::new(threads.max(1));
+    let (nh, nkv, hd) = (shape.n_head as usize, shape.n_head_kv as usize, shape.head_dim as usize);
+    let numerics = AttnNumerics::GgmlFlash { n_ctx: 4096, n_threads: pool.n_threads() };
+    let time = |n_past: usize| {
+        let q = vec![0.1f32; nh * hd];
+        let kv = vec![half::f16::from_f32(0.1); (n_past + 1) * nkv * hd];
+        let mut out = vec![0f32; nh * hd];
+        let shape = AttnShape { n_tok: 1, n_past, n_head: nh, n_kv_head: nkv, head_dim: hd, scale: 0.125 };
+        let mut passes = Vec::new();
+        for _ in 0..7 {
+            let n = 20;
+            let t = Instant::now();
+            for _ in 0..n {
+                attention_with(numerics, &pool, &q, &kv, &kv, &shape, &mut out);
+            }
+            passes.push(t.elapsed().as_secs_f64() / n as f64);
+        }
+        median(&mut passes)
+    };
+    let (short, long) = (time(128), time(1024));
+    let per_pos = ((long - short) / 896.0).max(0.0);
+    ((short - 128.0 * per_pos).max(0.0), per_pos)
 }

@@ -332,6 +332,7 @@ impl worker_server::Worker for WorkerService {
         let r = req.into_inner();
         let mut inv = crate::inventory::inventory(&self.cfg.node_name, &self.cfg.models_dir, self.bandwidth);
         if r.calibrate {
+            crate::inventory::check_probes(&r.probes, r.attention.as_ref()).map_err(Status::invalid_argument)?;
             let threads = if r.threads == 0 { inv.cpu_cores } else { r.threads.min(1024) };
             let cached = self.calibrations.lock().expect("calibrations lock").get(&threads).cloned();
             let cal = match cached {
@@ -345,6 +346,22 @@ impl worker_server::Worker for WorkerService {
                     c
                 }
             };
+            let mut cal = cal;
+            if !r.probes.is_empty() || r.attention.is_some() {
+                let (probes, attention) = (r.probes, r.attention);
+                let (probe_s, attn) = tokio::task::spawn_blocking(move || {
+                    let p = crate::inventory::probe_blocks(threads as usize, &probes);
+                    (p, attention.map(|a| crate::inventory::probe_attention(threads as usize, &a)))
+                })
+                .await
+                .map_err(|e| Status::internal(format!("calibration failed: {e}")))?;
+                tracing::info!(threads, probe_us = ?probe_s.iter().map(|s| (s * 1e6) as u64).collect::<Vec<_>>(), attention = ?attn, "timed the model's blocks");
+                cal.probe_s = probe_s;
+                if let Some((fixed, per_pos)) = attn {
+                    cal.attention_fixed_s = fixed;
+                    cal.attention_per_position_s = per_pos;
+                }
+            }
             inv.calibration = Some(cal);
         }
         Ok(Response::new(inv))

@@ -118,6 +118,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// (steps, compute ns) of each stage.
+async fn stage_stats(clients: &[shoal_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for c in clients {
+        let r = c.clone().stats(shoal_proto::v1::StatsRequest {}).await;
+        out.push(r.map_or((0, 0), |r| (r.get_ref().steps, r.get_ref().compute_ns)));
+    }
+    out
+}
+
 /// The same tests through a pipeline of workers and the scheduler.
 ///
 /// pp: one sequence whose prompt is `n_prompt` random tokens, sampling once. tg: `concurrency`
@@ -145,10 +155,11 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
     let reps = a.reps.max(1);
     let mut rng = Rng::new(1234);
     let mut tok = move || (rng.next_u64() % config.n_vocab as u64) as u32;
-    let (pp, tg, plan) = rt.block_on(async {
+    let (pp, tg, plan, stage_ms) = rt.block_on(async {
         let p = super::cluster::load(&addrs, &file, &opts).await?;
         let plan = p.plan.clone();
         eprint!("{}", shoal_planner::report::table(&plan));
+        let clients: Vec<_> = p.stages.iter().map(|(w, _)| w.client()).collect();
         let sched = Scheduler::start(p, SchedulerConfig { max_seqs: conc.max(256), in_flight: a.in_flight, ..SchedulerConfig::default() });
         let one = |prompt: Vec<u32>, n: usize, forced: Vec<u32>| Submission {
             prompt,
@@ -174,6 +185,7 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
             }
         }
         let mut tg = Vec::new();
+        let before = stage_stats(&clients).await;
         if a.n_gen > 0 {
             for r in 0..=reps {
                 let subs: Vec<Submission> =
@@ -196,7 +208,18 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
                 }
             }
         }
-        Ok::<_, anyhow::Error>((pp, tg, plan))
+        // Each stage's measured compute per decode step beside the plan's prediction.
+        let mut stage_ms = Vec::new();
+        if a.n_gen > 0 {
+            let after = stage_stats(&clients).await;
+            for (i, ((b, f), s)) in before.iter().zip(&after).zip(&plan.stages).enumerate() {
+                let steps = f.0.saturating_sub(b.0).max(1);
+                let ms = f.1.saturating_sub(b.1) as f64 / steps as f64 / 1e6;
+                eprintln!("stage {i}: decode compute {ms:.2} ms/step measured, {:.2} predicted", s.ms_per_step);
+                stage_ms.push((ms, s.ms_per_step));
+            }
+        }
+        Ok::<_, anyhow::Error>((pp, tg, plan, stage_ms))
     })?;
     drop(local);
     let stages = addrs.len();
@@ -212,6 +235,8 @@ fn run_cluster(a: BenchArgs) -> Result<()> {
             "stages": stages, "concurrency": conc, "codec": a.cluster.codec.name(),
             "pp_tok_s": ppm, "pp_tok_s_std": pps, "tg_tok_s": tgm, "tg_tok_s_std": tgs,
             "pp_predicted_tok_s": ppp, "tg_predicted_tok_s": tgp, "layers": layers,
+            "stage_compute_ms": stage_ms.iter().map(|s| s.0).collect::<Vec<_>>(),
+            "stage_predicted_ms": stage_ms.iter().map(|s| s.1).collect::<Vec<_>>(),
         });
         println!("{j}");
     } else {

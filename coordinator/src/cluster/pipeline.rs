@@ -16,6 +16,7 @@ use shoal_proto::v1::{self, worker_client::WorkerClient};
 use tonic::transport::Channel;
 
 use shoal_planner::cluster::{KernelRates, LiveWorker};
+use shoal_planner::model::MatShape;
 use shoal_planner::place::{self, Search, Unit};
 use shoal_planner::{Cluster, ModelDesc, Plan, PlanError, Workload};
 
@@ -106,27 +107,72 @@ impl Worker {
     }
 }
 
+/// The blocks of `model` a worker is asked to time: each distinct shape of a layer's dense
+/// matrices, then the head's; none over the worker's size limit, at most its count.
+pub fn probes_for(model: &ModelDesc) -> Vec<Vec<MatShape>> {
+    let mut out: Vec<Vec<MatShape>> = Vec::new();
+    let fits = |mats: &Vec<MatShape>| {
+        let bytes: u64 = mats
+            .iter()
+            .map(|m| shoal_kernels::quant::row_bytes(m.ty, m.cols as usize).map_or(u64::MAX, |r| r as u64).saturating_mul(m.rows))
+            .fold(0, u64::saturating_add);
+        !mats.is_empty() && bytes <= shoal_worker::inventory::MAX_PROBE_BYTES
+    };
+    for mats in model.layers().into_iter().map(|l| l.mats).chain(std::iter::once(model.head_mats())) {
+        if out.len() < shoal_worker::inventory::MAX_PROBES && fits(&mats) && !out.contains(&mats) {
+            out.push(mats);
+        }
+    }
+    out
+}
+
 /// What the planner needs of a live worker: its inventory with the kernels calibrated on
-/// `threads`, and its round trip (best of three Health calls).
-pub async fn live_worker(w: &Worker, threads: usize) -> Result<LiveWorker> {
+/// `threads` and `model`'s blocks timed (see [`probes_for`]), and its round trip (best of
+/// three Health calls).
+pub async fn live_worker(w: &Worker, threads: usize, model: &ModelDesc) -> Result<LiveWorker> {
     let mut c = w.client();
     let err = |s: tonic::Status| Error::Connect { addr: w.addr.clone(), msg: s.message().to_string() };
-    let inv = c
-        .get_inventory(v1::InventoryRequest { calibrate: true, threads: threads as u32 })
-        .await
-        .map_err(err)?
-        .into_inner();
-    let mut rtt = f64::MAX;
-    for _ in 0..3 {
+    let probes = probes_for(model);
+    let shape = |m: &MatShape| v1::MatrixShape { r#type: m.ty.name().to_string(), rows: m.rows, cols: m.cols };
+    let attention = (model.head_dim_k == model.head_dim_v).then(|| v1::AttentionShape {
+        n_head: model.n_head.min(u32::MAX as u64) as u32,
+        n_head_kv: model.n_head_kv.min(u32::MAX as u64) as u32,
+        head_dim: model.head_dim_k.min(u32::MAX as u64) as u32,
+    });
+    let req = v1::InventoryRequest {
+        calibrate: true,
+        threads: threads as u32,
+        probes: probes.iter().map(|p| v1::ShapeProbe { matrices: p.iter().map(shape).collect() }).collect(),
+        attention,
+    };
+    let inv = c.get_inventory(req).await.map_err(err)?.into_inner();
+    let mut rtts = Vec::new();
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(3)).await;
         let t = Instant::now();
         c.health(v1::HealthRequest {}).await.map_err(err)?;
-        rtt = rtt.min(t.elapsed().as_secs_f64());
+        rtts.push(t.elapsed().as_secs_f64());
     }
+    rtts.sort_by(f64::total_cmp);
+    let rtt = rtts[rtts.len() / 2];
+    tracing::info!(addr = %w.addr, rtt_us = ?rtts.iter().map(|s| (s * 1e6) as u64).collect::<Vec<_>>(), "health round trips");
     let rates = inv.calibration.map(|cal| {
         let rate = |f: fn(&v1::KernelRate) -> f64| {
             cal.rates.iter().filter_map(|r| Some((shoal_kernels::GgmlType::from_name(&r.r#type)?, f(r)))).collect()
         };
-        KernelRates { single: rate(|r| r.single_bytes_per_s), batch: rate(|r| r.batch_bytes_per_s), row: rate(|r| r.row_overhead_s), batch_rows: cal.batch_rows, call_overhead_s: cal.call_overhead_s, wake_s: cal.wake_s, elementwise_s: cal.elementwise_s, handoff_s: cal.handoff_s }
+        KernelRates {
+            single: rate(|r| r.single_bytes_per_s),
+            batch: rate(|r| r.batch_bytes_per_s),
+            row: rate(|r| r.row_overhead_s),
+            batch_rows: cal.batch_rows,
+            call_overhead_s: cal.call_overhead_s,
+            wake_s: cal.wake_s,
+            elementwise_s: cal.elementwise_s,
+            handoff_s: cal.handoff_s,
+            probes: probes.iter().cloned().zip(cal.probe_s.iter().copied()).filter(|p| p.1 > 0.0).collect(),
+            attention: (cal.attention_per_position_s > 0.0 || cal.attention_fixed_s > 0.0)
+                .then_some((cal.attention_fixed_s, cal.attention_per_position_s)),
+        }
     });
     Ok(LiveWorker { name: w.addr.clone(), ram_free: inv.ram_free_bytes, bandwidth: inv.memory_bandwidth_bytes_per_s as f64, rates, rtt_s: rtt })
 }
@@ -251,7 +297,7 @@ impl Pipeline {
         // One at a time: workers on one host would disturb each other's measurements.
         let mut live = Vec::with_capacity(workers.len());
         for (i, w) in workers.iter().enumerate() {
-            live.push(live_worker(w, opts.threads_of(i)).await?);
+            live.push(live_worker(w, opts.threads_of(i), &desc).await?);
         }
         let mut wl = Workload::new(n_ctx as u64, opts.parallel);
         wl.act_bytes = match opts.codec {
