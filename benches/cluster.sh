@@ -171,7 +171,7 @@ start_shoal_workers() {
         ns="${spec%%=*}"; host="${spec#*=}"
         f="$OUT/$tag.worker$i"
         ns_prefix "$ns"
-        "${NSP[@]}" "$SHOAL_BIN" worker --listen "$host:7070" --name "w$i" \
+        "${NSP[@]}" "$SHOAL_BIN" worker --insecure --listen "$host:7070" --name "w$i" \
             --models-dir "$MODELS_DIR" > "$f.out" 2> "$f.log" &
         PIDS+=($!)
         wait_listen "$ns" "$host" 7070 "$!"
@@ -186,7 +186,7 @@ shoal_bench() {
     shift 4
     log "$(basename "$out" .json): shoal bench -t $THREADS -p 0 -n 128 -r $REPS $*"
     ns_prefix "$ns"
-    if ! run_waited "$out" "${out%.json}.log" "${NSP[@]}" "$SHOAL_BIN" bench --model "$f" \
+    if ! run_waited "$out" "${out%.json}.log" "${NSP[@]}" "$SHOAL_BIN" bench --insecure --model "$f" \
         --threads "$THREADS" -p 0 -n 128 --reps "$REPS" --json "$@"; then
         cat "${out%.json}.log" >&2
         die "shoal bench ($test) failed: see ${out%.json}.log"

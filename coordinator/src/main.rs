@@ -13,6 +13,27 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+/// How this process talks to the rest of the cluster (every subcommand; see
+/// `docs/security.md`).
+#[derive(clap::Args, Debug)]
+struct SecurityArgs {
+    /// This node's cluster certificate directory from `shoal cert issue` (`ca.pem`,
+    /// `node.pem`, `node.key`, `join-token`): all gRPC between cluster members uses mutual
+    /// TLS against that CA and carries the join token.
+    #[arg(long, global = true, env = "SHOAL_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+    /// The cluster's join token (default: the `join-token` file of --tls-dir); requests
+    /// without it are refused.
+    #[arg(long, global = true, env = "SHOAL_JOIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    join_token: Option<String>,
+    /// Allow plaintext gRPC beyond loopback addresses (anyone who can reach the port can
+    /// then drive the worker).
+    #[arg(long, global = true)]
+    insecure: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -34,6 +55,9 @@ enum Command {
     Plan(cli::plan::PlanArgs),
     /// List the batch jobs of a state directory with their progress.
     Jobs(cli::jobs::JobsArgs),
+    /// Create a cluster CA and node certificates for mutual TLS.
+    #[command(subcommand)]
+    Cert(cli::cert::CertCommand),
     /// Relay TCP with a fixed delay each way (a test tool standing in for netem's delay).
     #[command(hide = true)]
     DelayProxy(cli::delay_proxy::DelayProxyArgs),
@@ -48,6 +72,18 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    let sec = shoal_proto::security::Security::load(
+        cli.security.tls_dir.as_deref(),
+        cli.security.join_token.clone(),
+        cli.security.insecure,
+    );
+    match sec {
+        Ok(s) => shoal_proto::security::install(s),
+        Err(e) => {
+            eprintln!("shoal: error: --tls-dir/--join-token: {e}");
+            std::process::exit(1);
+        }
+    }
     let r = match cli.command {
         Command::Run(a) => cli::run::run(a),
         Command::Info(a) => cli::info::run(a),
@@ -57,6 +93,7 @@ fn main() {
         Command::Status(a) => cli::status::run(a),
         Command::Plan(a) => cli::plan::run(a),
         Command::Jobs(a) => cli::jobs::run(a),
+        Command::Cert(c) => cli::cert::run(c),
         Command::DelayProxy(a) => cli::delay_proxy::run(a),
     };
     if let Err(e) = r {

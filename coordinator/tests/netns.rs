@@ -224,7 +224,9 @@ impl Cluster {
             let host = format!("w{i}");
             let listen = format!("{}:{WORKER_PORT}", self.addr(&host));
             let mut cmd = Command::new(script());
-            cmd.args(["exec", &self.prefix, &host, SHOAL, "worker", "--exit-with-parent"])
+            // Plaintext between namespaces (the shaping check speaks raw HTTP/2 to each
+            // port); mutual TLS is tested in `security.rs`.
+            cmd.args(["exec", &self.prefix, &host, SHOAL, "worker", "--insecure", "--exit-with-parent"])
                 .args(["--listen", &listen, "--name", &host, "--models-dir"])
                 .arg(models_dir());
             let addr = self.spawn(&host, cmd);
@@ -394,7 +396,7 @@ fn check_model(c: &Cluster, name: &str, prompt: &str) {
     assert!(single.status.success(), "single process: {}", String::from_utf8_lossy(&single.stderr));
     let t1 = Instant::now();
     let mut cmd = Command::new(script());
-    cmd.args(["exec", &c.prefix, "c", SHOAL]).args(run_args(&model, prompt));
+    cmd.args(["exec", &c.prefix, "c", SHOAL, "--insecure"]).args(run_args(&model, prompt));
     for addr in &c.stages {
         cmd.args(["--worker", addr]);
     }

@@ -7,6 +7,8 @@
 
 /// The generated `shoal.v1` package.
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]
+pub mod security;
+
 pub mod v1 {
     tonic::include_proto!("shoal.v1");
 }

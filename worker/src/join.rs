@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use shoal_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::Code;
-use tonic::transport::Channel;
+use shoal_proto::security::Channel;
 
 /// First wait after a failed join; doubled up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);

@@ -77,7 +77,7 @@ pub struct Inner {
     shard: Mutex<Option<Arc<Loaded>>>,
     rejected: std::sync::atomic::AtomicU64,
     // The channel Stats times a Health call on, and the next stage it leads to.
-    next_probe: tokio::sync::Mutex<Option<(String, WorkerClient<tonic::transport::Channel>)>>,
+    next_probe: tokio::sync::Mutex<Option<(String, WorkerClient<shoal_proto::security::Channel>)>>,
     // Open `Results` streams by route (last stage only).
     routes: Mutex<std::collections::HashMap<u64, ResultTx>>,
 }
@@ -214,10 +214,39 @@ pub fn dtype_of(c: Codec) -> v1::ActivationDtype {
     }
 }
 
-/// Connects to a peer with keepalives that notice a dead host within a few seconds.
-pub async fn connect(addr: &str) -> std::result::Result<tonic::transport::Channel, tonic::transport::Error> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    tonic::transport::Endpoint::from_shared(uri)?
+/// Why a connection to a peer could not be made.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// This process's security settings forbid it (plaintext beyond loopback) or are unusable.
+    Security(shoal_proto::security::SecurityError),
+    Transport(tonic::transport::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Security(e) => e.fmt(f),
+            ConnectError::Transport(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConnectError::Security(_) => None,
+            ConnectError::Transport(e) => e.source(),
+        }
+    }
+}
+
+/// Connects to a peer with keepalives that notice a dead host within a few seconds, with
+/// this process's security (mutual TLS and the join token; see `shoal_proto::security`).
+pub async fn connect(addr: &str) -> std::result::Result<shoal_proto::security::Channel, ConnectError> {
+    let sec = shoal_proto::security::get();
+    let ch = sec
+        .endpoint(addr)
+        .map_err(ConnectError::Security)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
@@ -225,6 +254,8 @@ pub async fn connect(addr: &str) -> std::result::Result<tonic::transport::Channe
         .keep_alive_while_idle(true)
         .connect()
         .await
+        .map_err(ConnectError::Transport)?;
+    Ok(shoal_proto::security::with_token(ch))
 }
 
 /// Checks a frame against the shard and turns it into a step.
@@ -622,18 +653,23 @@ pub fn params_to_wire(p: &SamplingParams, logprobs: bool, top_logprobs: usize) -
     }
 }
 
-/// Serves `svc` on `listener` until the process ends.
+/// Serves `svc` on `listener` until the process ends, with this process's security:
+/// mutual TLS against the cluster CA and the join token on every request when configured.
 pub async fn serve(listener: tokio::net::TcpListener, svc: WorkerService) -> Result<()> {
+    let sec = shoal_proto::security::get();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = sec.server_tls() {
+        server = server.tls_config(tls)?;
+    }
+    let svc = worker_server::WorkerServer::new(svc)
+        .max_decoding_message_size(shoal_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(shoal_proto::MAX_MESSAGE_BYTES);
+    server
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
-        .add_service(
-            worker_server::WorkerServer::new(svc)
-                .max_decoding_message_size(shoal_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(shoal_proto::MAX_MESSAGE_BYTES),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(svc, sec.require_token()))
         .serve_with_incoming(incoming)
         .await?;
     Ok(())

@@ -119,7 +119,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 /// (steps, compute ns) of each stage.
-async fn stage_stats(clients: &[shoal_proto::v1::worker_client::WorkerClient<tonic::transport::Channel>]) -> Vec<(u64, u64)> {
+async fn stage_stats(clients: &[shoal_proto::v1::worker_client::WorkerClient<shoal_proto::security::Channel>]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for c in clients {
         let r = c.clone().stats(shoal_proto::v1::StatsRequest {}).await;

@@ -1,6 +1,7 @@
 //! Subcommands of `shoal`.
 
 pub mod bench;
+pub mod cert;
 pub mod cluster;
 pub mod delay_proxy;
 pub mod info;

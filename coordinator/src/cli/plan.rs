@@ -108,15 +108,15 @@ fn from_coordinator(addr: &str, a: &PlanArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     let reply = rt.block_on(async {
         let unreachable = |msg: String| anyhow::anyhow!("cannot reach the coordinator at {addr}: {msg}");
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-        let ch = tonic::transport::Endpoint::from_shared(uri)
+        let ch = shoal_proto::security::get()
+            .endpoint(addr)
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(60))
             .connect()
             .await
             .map_err(|e| unreachable(shoal_proto::error_chain(&e)))?;
-        CoordinatorClient::new(ch)
+        CoordinatorClient::new(shoal_proto::security::with_token(ch))
             .plan(v1::PlanRequest { ctx: a.ctx.unwrap_or(0), parallel: a.parallel.unwrap_or(0) })
             .await
             .map_err(|s| unreachable(format!("{} ({:?})", s.message(), s.code())))

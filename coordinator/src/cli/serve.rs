@@ -135,6 +135,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let r = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
         let reg_addr = listener.local_addr()?;
+        shoal_proto::security::get().check_listen(reg_addr)?;
         let reg = Registry::new(reg_addr.to_string());
         let reg2 = reg.clone();
         tokio::spawn(async move {

@@ -33,15 +33,15 @@ pub fn run(a: StatusArgs) -> Result<()> {
 
 async fn fetch(addr: &str) -> Result<v1::ClusterStatus> {
     let unreachable = |msg: String| anyhow::anyhow!("cannot reach the coordinator at {addr}: {msg}");
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let ch = tonic::transport::Endpoint::from_shared(uri)
+    let ch = shoal_proto::security::get()
+        .endpoint(addr)
         .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .connect()
         .await
         .map_err(|e| unreachable(shoal_proto::error_chain(&e)))?;
-    let st = CoordinatorClient::new(ch)
+    let st = CoordinatorClient::new(shoal_proto::security::with_token(ch))
         .status(v1::StatusRequest {})
         .await
         .map_err(|s| match s.code() {

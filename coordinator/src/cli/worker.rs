@@ -64,6 +64,7 @@ pub fn run(a: WorkerArgs) -> Result<()> {
             ),
             None => addr.to_string(),
         };
+        shoal_proto::security::get().check_listen(addr)?;
         let name = a.name.unwrap_or_else(|| addr.to_string());
         let svc = WorkerService::new(WorkerConfig { node_name: name.clone(), models_dir: a.models_dir });
         let mut out = std::io::stdout().lock();

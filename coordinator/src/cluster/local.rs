@@ -38,11 +38,21 @@ impl LocalCluster {
     pub fn start(exe: &Path, n: usize, models_dir: &Path) -> Result<LocalCluster> {
         let mut cluster = LocalCluster { workers: Vec::with_capacity(n) };
         for i in 0..n {
-            let mut child = Command::new(exe)
-                .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--name"])
+            let mut cmd = Command::new(exe);
+            cmd.args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--name"])
                 .arg(format!("local-{i}"))
                 .arg("--models-dir")
-                .arg(models_dir)
+                .arg(models_dir);
+            // The workers speak as this process does (the token travels in the environment,
+            // not on a command line anyone can read).
+            let sec = shoal_proto::security::get();
+            if let Some(dir) = sec.tls_dir() {
+                cmd.arg("--tls-dir").arg(dir);
+            }
+            if let Some(t) = sec.token() {
+                cmd.env("SHOAL_JOIN_TOKEN", t);
+            }
+            let mut child = cmd
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

@@ -13,7 +13,7 @@ use shoal_kernels::codec::Codec;
 use shoal_model::arch::Config;
 use shoal_model::gguf::GgufFile;
 use shoal_proto::v1::{self, worker_client::WorkerClient};
-use tonic::transport::Channel;
+use shoal_proto::security::Channel;
 
 use shoal_planner::cluster::{KernelRates, LiveWorker};
 use shoal_planner::model::MatShape;

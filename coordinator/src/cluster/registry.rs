@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use shoal_proto::v1::{self, coordinator_server, worker_client::WorkerClient};
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use shoal_proto::security::Channel;
 use tonic::{Request, Response, Status};
 
 use super::pipeline::{self, Pipeline};
@@ -411,10 +411,15 @@ impl coordinator_server::Coordinator for Registry {
 /// Serves the registry alone on `listener` until the process ends (a command that serves
 /// other services too adds [`Registry::service`] to its own server instead).
 pub async fn serve_registry(listener: tokio::net::TcpListener, registry: Registry) -> Result<()> {
+    let sec = shoal_proto::security::get();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = sec.server_tls() {
+        server = server.tls_config(tls).map_err(|e| Error::Serve(shoal_proto::error_chain(&e)))?;
+    }
+    server
         .tcp_nodelay(true)
-        .add_service(registry.service())
+        .add_service(tonic::service::interceptor::InterceptedService::new(registry.service(), sec.require_token()))
         .serve_with_incoming(incoming)
         .await
         .map_err(|e| Error::Serve(shoal_proto::error_chain(&e)))
