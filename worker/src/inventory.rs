@@ -106,8 +106,9 @@ pub fn calibrate(threads: usize) -> v1::KernelCalibration {
         let arena = vec![0x3Cu8; (ARENA / m_bytes).max(1) * m_bytes];
         let mats: Vec<QMatrix<'_>> = arena.chunks_exact(m_bytes).filter_map(|d| QMatrix::new(ty, rows, cols, d).ok()).collect();
         let first = mats.first()?;
-        let mut best = f64::MAX;
-        for rep in 0..4 {
+        // The median pass (a batch is one short call, so it gets more of them).
+        let mut passes = Vec::new();
+        for rep in 0..if batch { 16 } else { 4 } {
             let t = Instant::now();
             if batch {
                 matmul(&pool, first, &x[..BATCH_ROWS * cols], BATCH_ROWS, &mut out[..BATCH_ROWS * rows], &mut scratch);
@@ -117,11 +118,11 @@ pub fn calibrate(threads: usize) -> v1::KernelCalibration {
                 }
             }
             if rep > 0 {
-                best = best.min(t.elapsed().as_secs_f64());
+                passes.push(t.elapsed().as_secs_f64());
             }
         }
         let n_rows = if batch { rows * BATCH_ROWS } else { rows * mats.len() };
-        Some((best / n_rows as f64, row))
+        Some((median(&mut passes) / n_rows as f64, row))
     };
     for &ty in CALIBRATED {
         let (Some((t_long, b_long)), Some((t_short, b_short)), Some((t_batch, b_batch))) =
