@@ -55,6 +55,34 @@ pub struct ApiState {
     pub jobs: Option<Arc<crate::jobs::Jobs>>,
 }
 
+/// What checking a request needs of the server: its tokenizer, chat template, model id and
+/// context length.
+pub struct RequestContext<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub chat: Option<&'a ChatTemplate>,
+    pub model: &'a str,
+    pub n_ctx: usize,
+}
+
+impl ApiState {
+    pub fn request_context(&self) -> RequestContext<'_> {
+        RequestContext { tokenizer: &self.tokenizer, chat: self.chat.as_deref(), model: &self.model, n_ctx: self.scheduler.n_ctx() }
+    }
+}
+
+/// Checks a request body for `endpoint` (`/v1/completions` or `/v1/chat/completions`) as
+/// the server does before running it: `Ok`, or the HTTP status and message it answers. The
+/// entry point of the `api_request` fuzz target.
+pub fn check_request(ctx: &RequestContext<'_>, endpoint: &str, body: &[u8]) -> Result<(), (u16, String)> {
+    let fail = |e: ApiError| (e.status.as_u16(), e.message);
+    let parse = |e: serde_json::Error| (400, format!("the body is not a valid request: {e}"));
+    match endpoint {
+        "/v1/completions" => prepare_completion(ctx, serde_json::from_slice(body).map_err(parse)?).map(|_| ()).map_err(fail),
+        "/v1/chat/completions" => prepare_chat(ctx, serde_json::from_slice(body).map_err(parse)?).map(|_| ()).map_err(fail),
+        other => Err((404, format!("no endpoint {other}"))),
+    }
+}
+
 /// Limits of the API, set by `shoal serve`.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -347,7 +375,7 @@ struct Part {
 
 impl Common {
     /// The checked request of `kind` for `prompt_tokens` (see [`Common::request`]).
-    fn prepared(&self, st: &ApiState, prompt_tokens: Vec<u32>, default_max: Option<usize>, kind: Kind, lp: Option<usize>) -> Result<Prepared, ApiError> {
+    fn prepared(&self, st: &RequestContext<'_>, prompt_tokens: Vec<u32>, default_max: Option<usize>, kind: Kind, lp: Option<usize>) -> Result<Prepared, ApiError> {
         Ok(Prepared {
             g: self.request(st, prompt_tokens, default_max)?,
             kind,
@@ -360,10 +388,10 @@ impl Common {
 
     /// The generation this request asks for, checked. `default_max`: OpenAI's default
     /// (16 for completions, the rest of the context for chat).
-    fn request(&self, st: &ApiState, prompt_tokens: Vec<u32>, default_max: Option<usize>) -> Result<GenerateRequest, ApiError> {
+    fn request(&self, st: &RequestContext<'_>, prompt_tokens: Vec<u32>, default_max: Option<usize>) -> Result<GenerateRequest, ApiError> {
         if let Some(m) = &self.model
             && !m.is_empty()
-            && m != &st.model
+            && m != st.model
         {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -381,7 +409,7 @@ impl Common {
             }
             _ => {}
         }
-        let n_ctx = st.scheduler.n_ctx();
+        let n_ctx = st.n_ctx;
         if prompt_tokens.is_empty() {
             return Err(ApiError::bad("prompt", "the prompt is empty"));
         }
@@ -474,7 +502,7 @@ pub(crate) fn body<T: serde::de::DeserializeOwned>(r: Result<Json<T>, JsonReject
 }
 
 /// Checks a `/v1/completions` body.
-pub(crate) fn prepare_completion(st: &ApiState, req: CompletionRequest) -> Result<Prepared, ApiError> {
+pub(crate) fn prepare_completion(st: &RequestContext<'_>, req: CompletionRequest) -> Result<Prepared, ApiError> {
     let text_err = |e: shoal_model::Error| ApiError::bad("prompt", e.to_string());
     let prompt = match req.prompt {
         Prompt::Text(t) => st.tokenizer.encode(&t, true, false).map_err(text_err)?,
@@ -493,8 +521,8 @@ pub(crate) fn prepare_completion(st: &ApiState, req: CompletionRequest) -> Resul
 }
 
 /// Checks a `/v1/chat/completions` body and renders its chat.
-pub(crate) fn prepare_chat(st: &ApiState, req: ChatRequest) -> Result<Prepared, ApiError> {
-    let Some(chat) = &st.chat else {
+pub(crate) fn prepare_chat(st: &RequestContext<'_>, req: ChatRequest) -> Result<Prepared, ApiError> {
+    let Some(chat) = st.chat else {
         return Err(ApiError::bad("messages", "the model file has no chat template; use /v1/completions"));
     };
     if req.messages.is_empty() {
@@ -529,7 +557,7 @@ pub(crate) fn prepare_chat(st: &ApiState, req: ChatRequest) -> Result<Prepared, 
 
 async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
     let t0 = Instant::now();
-    let r = async { run(st.clone(), prepare_completion(&st, body(req)?)?, t0).await }.await;
+    let r = async { run(st.clone(), prepare_completion(&st.request_context(), body(req)?)?, t0).await }.await;
     let resp = r.unwrap_or_else(IntoResponse::into_response);
     st.metrics.request("completions", resp.status().as_u16());
     resp
@@ -537,7 +565,7 @@ async fn completions(State(st): State<Arc<ApiState>>, req: Result<Json<Completio
 
 async fn chat_completions(State(st): State<Arc<ApiState>>, req: Result<Json<ChatRequest>, JsonRejection>) -> Response {
     let t0 = Instant::now();
-    let r = async { run(st.clone(), prepare_chat(&st, body(req)?)?, t0).await }.await;
+    let r = async { run(st.clone(), prepare_chat(&st.request_context(), body(req)?)?, t0).await }.await;
     let resp = r.unwrap_or_else(IntoResponse::into_response);
     st.metrics.request("chat_completions", resp.status().as_u16());
     resp

@@ -646,9 +646,9 @@ async fn run_line(st: &ApiState, jobs: &Jobs, batch: &str, line: &InputLine) -> 
         let t0 = Instant::now();
         let r = async {
             let p = if line.url == "/v1/completions" {
-                api::prepare_completion(st, api::parse_body(line.body.clone())?)?
+                api::prepare_completion(&st.request_context(), api::parse_body(line.body.clone())?)?
             } else {
-                api::prepare_chat(st, api::parse_body(line.body.clone())?)?
+                api::prepare_chat(&st.request_context(), api::parse_body(line.body.clone())?)?
             };
             if p.streams() {
                 return Err(ApiError::bad("stream", "a batch request cannot stream"));
