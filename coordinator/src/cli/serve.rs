@@ -34,6 +34,13 @@ pub struct ServeArgs {
     /// Address of the OpenAI-compatible HTTP API.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: String,
+    /// Find workers in etcd (`URL[,URL]`) instead of waiting for their `--join`: workers
+    /// started with the same --etcd register there under a lease (docs/operations.md).
+    #[arg(long, value_name = "URL[,URL]")]
+    etcd: Option<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, default_value = shoal_coordinator::cluster::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
     /// Without --workers/--worker: how many joined workers to wait for before loading.
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
@@ -143,6 +150,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 tracing::error!("registry: {e}");
             }
         });
+        if let Some(urls) = a.etcd.clone() {
+            let (prefix, reg3) = (a.etcd_prefix.clone(), reg.clone());
+            tokio::spawn(async move {
+                let never = shoal_coordinator::cluster::etcd::follow(urls, prefix, reg3).await;
+                match never {}
+            });
+        }
         super::print_stdout(&format!("registry on {reg_addr}\n"))?;
         let header = &file.bytes()[..(file.header().data_offset as usize).min(file.bytes().len())];
         reg.set_model(&file_name, &shoal_proto::model_identity(header, file.file_size()));

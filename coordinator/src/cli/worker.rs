@@ -23,6 +23,13 @@ pub struct WorkerArgs {
     /// retrying while the coordinator is unreachable.
     #[arg(long, value_name = "COORDINATOR_ADDR")]
     join: Option<String>,
+    /// Register in etcd (`URL[,URL]`) under a lease for a coordinator started with the same
+    /// --etcd to find (instead of, or as well as, --join).
+    #[arg(long, value_name = "URL[,URL]")]
+    etcd: Option<String>,
+    /// Key prefix of the cluster in etcd.
+    #[arg(long, default_value = shoal_coordinator::cluster::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
     /// Address the coordinator and the other stages should dial to reach this worker
     /// (default: the bound listen address; required with --join when listening on
     /// 0.0.0.0 or [::]).
@@ -56,7 +63,7 @@ pub fn run(a: WorkerArgs) -> Result<()> {
         let addr = listener.local_addr()?;
         let advertise = match a.advertise {
             Some(adv) => adv,
-            None if a.join.is_some() && addr.ip().is_unspecified() => anyhow::bail!(
+            None if (a.join.is_some() || a.etcd.is_some()) && addr.ip().is_unspecified() => anyhow::bail!(
                 "--listen {} binds every interface, so the coordinator cannot know where to dial this \
                  worker: pass --advertise HOST:PORT (e.g. --advertise my-host.lan:{})",
                 a.listen,
@@ -71,6 +78,13 @@ pub fn run(a: WorkerArgs) -> Result<()> {
         writeln!(out, "listening on {addr}")?;
         out.flush()?;
         drop(out);
+        if let Some(urls) = a.etcd.clone() {
+            let (prefix, adv, node) = (a.etcd_prefix.clone(), advertise.clone(), name.clone());
+            tokio::spawn(async move {
+                let never = shoal_coordinator::cluster::etcd::register(urls, prefix, adv, node).await;
+                match never {}
+            });
+        }
         let serve = shoal_worker::serve(listener, svc);
         match a.join {
             None => serve.await?,

@@ -9,6 +9,7 @@
 //! wire form of sampling parameters (`service::params_to_wire`), so both ends agree.
 
 pub mod local;
+pub mod etcd;
 pub mod pipeline;
 pub mod registry;
 pub mod scheduler;

@@ -231,6 +231,34 @@ impl Registry {
         Ok(reply)
     }
 
+    /// Admits a worker found otherwise than by its `Join` (etcd mode), with a `Join`'s
+    /// checks: dialed back when new, refreshed when known.
+    pub async fn admit(&self, addr: &str, node_name: &str) -> std::result::Result<(), Status> {
+        let r = v1::JoinRequest {
+            protocol_major: shoal_proto::PROTOCOL_MAJOR,
+            protocol_minor: shoal_proto::PROTOCOL_MINOR,
+            node_name: node_name.to_string(),
+            advertise_addr: addr.to_string(),
+            capabilities: Vec::new(),
+        };
+        self.join(r).await.map(|_| ())
+    }
+
+    /// Forgets the worker at `addr` (its etcd lease expired); false if it was unknown.
+    pub fn remove(&self, addr: &str) -> bool {
+        let removed = {
+            let mut st = self.state();
+            let before = st.joined.len();
+            st.joined.retain(|j| j.worker.addr != addr);
+            st.probes.remove(addr);
+            st.joined.len() != before
+        };
+        if removed {
+            self.0.joins.send_modify(|n| *n += 1);
+        }
+        removed
+    }
+
     /// Refreshes a known worker's last-seen time; false if `addr` is unknown.
     fn touch(&self, addr: &str, node_name: &str) -> bool {
         let known = {

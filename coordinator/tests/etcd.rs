@@ -1,0 +1,123 @@
+//! etcd mode against a real etcd server (Debian's `etcd-server`, started on loopback with a
+//! temporary data directory and stopped by PID): workers register under a lease, the
+//! coordinator finds them there, plans and serves; a worker killed with SIGKILL leaves the
+//! membership when its lease expires.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Procs, SHOAL, first_line, models_dir};
+
+/// A real etcd on loopback; killed by PID and its data directory removed on drop.
+struct Etcd {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_etcd(data: &std::path::Path) -> Etcd {
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "shoal-test", "--data-dir"])
+        .arg(data)
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("shoal-test={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed by scripts/install-deps (Debian etcd-server)");
+    let etcd = Etcd { child, url };
+    // Ready when its client port answers the health endpoint.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", client)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            if body.contains("\"health\":\"true\"") {
+                return etcd;
+            }
+        }
+        assert!(Instant::now() < deadline, "etcd did not become healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status(reg: &str) -> serde_json::Value {
+    let out = Command::new(SHOAL).args(["status", "--coordinator", reg, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn joined(st: &serde_json::Value) -> Vec<String> {
+    st["workers"].as_array().unwrap().iter().filter(|w| w["joined"] == true).map(|w| w["addr"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn workers_found_in_etcd_and_dropped_when_their_lease_expires() {
+    let mut procs = Procs::default();
+    let data = procs.temp_dir("etcd");
+    let etcd = start_etcd(&data);
+    let prefix = format!("/shoal/test-{}", std::process::id());
+    let (reg, out, _) = common::serve(&mut procs, &["--etcd", &etcd.url, "--etcd-prefix", &prefix, "--min-workers", "2"]);
+    let mut addrs = Vec::new();
+    for i in 0..2 {
+        let mut child = Command::new(SHOAL)
+            .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--name", &format!("e{i}")])
+            .args(["--etcd", &etcd.url, "--etcd-prefix", &prefix, "--models-dir"])
+            .arg(models_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let o = child.stdout.take().unwrap();
+        procs.0.push(child);
+        let line = first_line(o);
+        addrs.push(line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("worker said {line:?}")).to_string());
+    }
+    // No --join anywhere: the coordinator found both workers in etcd, planned and serves.
+    let api = common::serving(out);
+    assert!(api.starts_with("http://"));
+    let st = status(&reg);
+    assert_eq!(st["state"], "serving", "{st:#}");
+    let mut got = joined(&st);
+    got.sort();
+    let mut want = addrs.clone();
+    want.sort();
+    assert_eq!(got, want, "{st:#}");
+    // SIGKILL the second worker: nothing deregisters it, its lease expires (5 s) and the
+    // coordinator drops it.
+    let t0 = Instant::now();
+    let victim = procs.0.len() - 1;
+    procs.0[victim].kill().unwrap();
+    let _ = procs.0[victim].wait();
+    loop {
+        let left = joined(&status(&reg));
+        if left == [addrs[0].clone()] {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "still joined after {:?}: {left:?}", t0.elapsed());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = t0.elapsed();
+    eprintln!("etcd: the killed worker left the membership after {took:?}");
+    assert!(took >= Duration::from_secs(3), "left after {took:?}, before its lease could expire");
+    drop(etcd);
+}
