@@ -1,7 +1,7 @@
 //! etcd mode against a real etcd server (Debian's `etcd-server`, started on loopback with a
 //! temporary data directory and stopped by PID): workers register under a lease, the
-//! coordinator finds them there, plans and serves; a worker killed with SIGKILL leaves the
-//! membership when its lease expires.
+//! coordinator finds them there, plans, publishes the plan in etcd and serves; a worker
+//! killed with SIGKILL leaves the membership when its lease expires.
 
 mod common;
 
@@ -102,6 +102,25 @@ fn workers_found_in_etcd_and_dropped_when_their_lease_expires() {
     let mut want = addrs.clone();
     want.sort();
     assert_eq!(got, want, "{st:#}");
+    // The plan being served is in etcd: both workers, every layer once, in order.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let plan: serde_json::Value = rt.block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.url.as_str()], None).await.unwrap();
+        let r = c.get(format!("{prefix}/plan"), None).await.unwrap();
+        let kv = r.kvs().first().expect("no plan in etcd");
+        assert!(kv.mod_revision() > 0);
+        serde_json::from_slice(kv.value()).unwrap()
+    });
+    assert_eq!(plan["model"], common::SMOLLM2, "{plan:#}");
+    let stages = plan["stages"].as_array().unwrap();
+    let mut in_plan: Vec<String> = stages.iter().map(|s| s["addr"].as_str().unwrap().to_string()).collect();
+    in_plan.sort();
+    assert_eq!(in_plan, want, "{plan:#}");
+    assert_eq!(stages[0]["layer_start"], 0);
+    assert_eq!(stages[1]["layer_end"], 30);
+    assert_eq!(stages[0]["layer_end"], stages[1]["layer_start"]);
+    assert!(stages[0]["embed"] == true && stages[1]["head"] == true, "{plan:#}");
+
     // SIGKILL the second worker: nothing deregisters it, its lease expires (5 s) and the
     // coordinator drops it.
     let t0 = Instant::now();

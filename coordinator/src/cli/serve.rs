@@ -175,6 +175,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
             }
         };
         reg.set_pipeline(&pipeline);
+        if let Some(urls) = &a.etcd {
+            let identity = shoal_proto::model_identity(header, file.file_size());
+            let stages = registry::StageInfo::of(&pipeline);
+            match shoal_coordinator::cluster::etcd::publish_plan(urls, &a.etcd_prefix, &file_name, &identity, &stages).await {
+                Ok(version) => eprintln!("shoal: plan version {version} published in etcd"),
+                Err(e) => tracing::warn!("publishing the plan in etcd: {e}"),
+            }
+        }
         for (w, p) in &pipeline.stages {
             eprintln!("shoal: stage {} layers {:?}{}{}", w.addr, p.layers, if p.embed { " +embed" } else { "" }, if p.head { " +head" } else { "" });
         }

@@ -4,8 +4,9 @@
 //! under a lease of [`LEASE_TTL_S`] seconds and keeps the lease alive; when the worker dies
 //! or loses etcd, the lease expires and etcd deletes the key. The coordinator reads the
 //! prefix, then watches it: a put admits the worker into the [`Registry`] (dialed back, as a
-//! `Join` is), a delete removes it, and workers whose keys exist are kept fresh. Key layout
-//! and operations: `docs/operations.md`.
+//! `Join` is), a delete removes it, and workers whose keys exist are kept fresh. The
+//! coordinator publishes the plan it serves under `{prefix}/plan`. Key layout and
+//! operations: `docs/operations.md`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -136,6 +137,25 @@ pub async fn follow(urls: String, prefix: String, registry: Registry) -> std::co
     }
 }
 
+/// The key of the plan being served.
+pub fn plan_key(prefix: &str) -> String {
+    format!("{}/plan", prefix.trim_end_matches('/'))
+}
+
+/// Publishes the plan being served under `{prefix}/plan`: the model, its identity and the
+/// stages in pipeline order. Returns its version, the etcd revision of the put (ordered
+/// across every plan any coordinator of the cluster ever published).
+pub async fn publish_plan(urls: &str, prefix: &str, model: &str, identity: &str, stages: &[super::registry::StageInfo]) -> Result<i64, etcd_client::Error> {
+    let stages: Vec<serde_json::Value> = stages
+        .iter()
+        .map(|s| serde_json::json!({"addr": s.addr, "layer_start": s.layers.start, "layer_end": s.layers.end, "embed": s.embed, "head": s.head}))
+        .collect();
+    let value = serde_json::json!({"model": model, "model_identity": identity, "stages": stages}).to_string();
+    let mut c = Client::connect(endpoints(urls), None).await?;
+    let r = c.put(plan_key(prefix), value, None).await?;
+    Ok(r.header().map_or(0, |h| h.revision()))
+}
+
 fn parse(key: &[u8], value: &[u8]) -> Option<Member> {
     match serde_json::from_slice::<Member>(value) {
         Ok(m) if !m.addr.is_empty() => Some(m),
@@ -157,6 +177,7 @@ mod tests {
     #[test]
     fn keys_and_records() {
         assert_eq!(super::worker_key("/shoal/lab/", "10.0.0.5:7070"), "/shoal/lab/workers/10.0.0.5:7070");
+        assert_eq!(super::plan_key("/shoal/lab"), "/shoal/lab/plan");
         assert_eq!(super::endpoints(" http://a:2379, http://b:2379 ,"), ["http://a:2379", "http://b:2379"]);
         let m = super::parse(b"k", br#"{"addr":"h:1","node_name":"n"}"#).unwrap();
         assert_eq!((m.addr.as_str(), m.node_name.as_str()), ("h:1", "n"));
