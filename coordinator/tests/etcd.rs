@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Procs, SHOAL, first_line, models_dir};
+use common::{Procs, status_json};
 
 /// A real etcd on loopback; killed by PID and its data directory removed on drop.
 struct Etcd {
@@ -60,12 +60,6 @@ fn start_etcd(data: &std::path::Path) -> Etcd {
     }
 }
 
-fn status(reg: &str) -> serde_json::Value {
-    let out = Command::new(SHOAL).args(["status", "--coordinator", reg, "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn joined(st: &serde_json::Value) -> Vec<String> {
     st["workers"].as_array().unwrap().iter().filter(|w| w["joined"] == true).map(|w| w["addr"].as_str().unwrap().to_string()).collect()
 }
@@ -77,25 +71,13 @@ fn workers_found_in_etcd_and_dropped_when_their_lease_expires() {
     let etcd = start_etcd(&data);
     let prefix = format!("/shoal/test-{}", std::process::id());
     let (reg, out, _) = common::serve(&mut procs, &["--etcd", &etcd.url, "--etcd-prefix", &prefix, "--min-workers", "2"]);
-    let mut addrs = Vec::new();
-    for i in 0..2 {
-        let mut child = Command::new(SHOAL)
-            .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--name", &format!("e{i}")])
-            .args(["--etcd", &etcd.url, "--etcd-prefix", &prefix, "--models-dir"])
-            .arg(models_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let o = child.stdout.take().unwrap();
-        procs.0.push(child);
-        let line = first_line(o);
-        addrs.push(line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("worker said {line:?}")).to_string());
-    }
+    let addrs: Vec<String> = (0..2)
+        .map(|i| common::worker(&mut procs, "127.0.0.1:0", &["--name", &format!("e{i}"), "--etcd", &etcd.url, "--etcd-prefix", &prefix]))
+        .collect();
     // No --join anywhere: the coordinator found both workers in etcd, planned and serves.
     let api = common::serving(out);
     assert!(api.starts_with("http://"));
-    let st = status(&reg);
+    let st = status_json(&reg);
     assert_eq!(st["state"], "serving", "{st:#}");
     let mut got = joined(&st);
     got.sort();
@@ -128,7 +110,7 @@ fn workers_found_in_etcd_and_dropped_when_their_lease_expires() {
     procs.0[victim].kill().unwrap();
     let _ = procs.0[victim].wait();
     loop {
-        let left = joined(&status(&reg));
+        let left = joined(&status_json(&reg));
         if left == [addrs[0].clone()] {
             break;
         }

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{Procs, SHOAL, SMOLLM2, first_line, model_path, models_dir};
+use common::{Procs, SHOAL, SMOLLM2, model_path, models_dir, worker};
 use shoal_proto::security;
 use shoal_proto::v1::worker_client::WorkerClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -20,24 +20,6 @@ fn shoal(args: &[&str]) -> std::process::Output {
 fn ok(out: std::process::Output) -> String {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Starts a worker with `flags` before the subcommand; returns its address.
-fn worker(procs: &mut Procs, flags: &[&str]) -> String {
-    let mut child = Command::new(SHOAL)
-        .args(flags)
-        .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--models-dir"])
-        .arg(models_dir())
-        .env_remove("SHOAL_TLS_DIR")
-        .env_remove("SHOAL_JOIN_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    procs.0.push(child);
-    let line = first_line(out);
-    line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("worker said {line:?}")).to_string()
 }
 
 fn read(dir: &Path, f: &str) -> String {
@@ -83,8 +65,8 @@ async fn mutual_tls_and_the_join_token_keep_strangers_out() {
     assert_eq!(token.trim().len(), 64);
     assert_ne!(token, read(&ca2, "join-token"));
 
-    let a1 = worker(&mut procs, &["--tls-dir", &s(&t.join("w1"))]);
-    let a2 = worker(&mut procs, &["--tls-dir", &s(&t.join("w2"))]);
+    let a1 = worker(&mut procs, "127.0.0.1:0", &["--tls-dir", &s(&t.join("w1"))]);
+    let a2 = worker(&mut procs, "127.0.0.1:0", &["--tls-dir", &s(&t.join("w2"))]);
 
     // A member with the token is let in.
     let (c, tok) = (t.join("c"), Some(token.trim()));
@@ -131,22 +113,13 @@ async fn mutual_tls_and_the_join_token_keep_strangers_out() {
     // Registry mode over mutual TLS: a worker joins a TLS coordinator, which plans, loads
     // and serves through it; `shoal status` needs a certificate too.
     let (reg, out, _) = common::serve(&mut procs, &["--tls-dir", &s(&c), "--min-workers", "1"]);
-    let mut child = Command::new(SHOAL)
-        .args(["--tls-dir", &s(&t.join("w2")), "worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--join", &reg])
-        .arg("--models-dir")
-        .arg(models_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let wout = child.stdout.take().unwrap();
-    procs.0.push(child);
-    assert!(first_line(wout).starts_with("listening on"));
+    worker(&mut procs, "127.0.0.1:0", &["--tls-dir", &s(&t.join("w2")), "--join", &reg]);
     let api = common::serving(out);
     assert!(api.starts_with("http://127.0.0.1:"), "{api}");
     let st = ok(shoal(&["--tls-dir", &s(&c), "status", "--coordinator", &reg, "--json"]));
     let j: serde_json::Value = serde_json::from_str(&st).unwrap();
     assert_eq!(j["state"], "serving", "{j:#}");
+    assert!(j["workers"].as_array().unwrap().iter().any(|w| w["joined"] == true && w["loaded"] == true), "{j:#}");
     let out = Command::new(SHOAL).args(["status", "--coordinator", &reg]).env_remove("SHOAL_TLS_DIR").output().unwrap();
     assert!(!out.status.success(), "status without a certificate: {}", String::from_utf8_lossy(&out.stdout));
 
@@ -171,18 +144,8 @@ fn plaintext_beyond_loopback_needs_insecure() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to serve plaintext gRPC on 0.0.0.0") && err.contains("--insecure"), "{err}");
     // ... and starts with --insecure.
-    let addr = worker(&mut procs, &["--insecure"]);
-    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
-    let mut child = Command::new(SHOAL)
-        .args(["--insecure", "worker", "--listen", "0.0.0.0:0", "--exit-with-parent", "--models-dir"])
-        .arg(models_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    procs.0.push(child);
-    assert!(first_line(out).starts_with("listening on 0.0.0.0:"));
+    let addr = worker(&mut procs, "0.0.0.0:0", &["--insecure"]);
+    assert!(addr.starts_with("0.0.0.0:"), "{addr}");
     // A coordinator will not dial a non-loopback worker in plaintext either.
     let model = model_path(SMOLLM2);
     let out = Command::new(SHOAL)

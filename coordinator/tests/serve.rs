@@ -2,11 +2,11 @@
 //! the real `openai` Python client sending concurrent requests, `shoal status`.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Procs, SHOAL, SMOLLM2, model_path, models_dir, serving};
+use common::{Procs, SHOAL, SMOLLM2, model_path, serving, status_json};
 
 /// `shoal serve` with 1 thread per worker and a 512-token context, plus `extra`.
 fn serve(procs: &mut Procs, extra: &[&str]) -> (String, common::Out, u32) {
@@ -53,12 +53,6 @@ fn openai_concurrent(base: &str, prompts: &[String], n: usize) -> Vec<(String, S
             )
         })
         .collect()
-}
-
-fn status_json(reg: &str) -> serde_json::Value {
-    let o = Command::new(SHOAL).args(["status", "--json", "--coordinator", reg]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 const TOPICS: [&str; 16] = [
@@ -116,16 +110,7 @@ fn serve_loads_onto_workers_that_join_its_registry() {
     let mut procs = Procs::default();
     let (reg, out, _) = serve(&mut procs, &["--min-workers", "2"]);
     for i in 0..2 {
-        let w = Command::new(SHOAL)
-            .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--join", &reg, "--name"])
-            .arg(format!("joined-{i}"))
-            .arg("--models-dir")
-            .arg(models_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        procs.0.push(w);
+        common::worker(&mut procs, "127.0.0.1:0", &["--join", &reg, "--name", &format!("joined-{i}")]);
     }
     let base = serving(out);
     let prompts = vec!["The water cycle is".to_string()];

@@ -287,7 +287,16 @@ pub fn probe_blocks(threads: usize, probes: &[v1::ShapeProbe]) -> Vec<f64> {
             let bytes: u64 = mats.iter().map(|m| m.3 as u64).sum();
             let copies = (ARENA / bytes.max(1)).max(1) as usize;
             // 0x3C bytes: every f16 scale is 1.06, so no value is NaN or subnormal.
-            let data: Vec<Vec<Vec<u8>>> = (0..copies).map(|_| mats.iter().map(|m| vec![0x3Cu8; m.3]).collect()).collect();
+            let data: Vec<Vec<u8>> = (0..copies).flat_map(|_| mats.iter().map(|m| vec![0x3Cu8; m.3])).collect();
+            // The matrices of every copy, in block order.
+            let Ok(arena) = data
+                .iter()
+                .zip(mats.iter().cycle())
+                .map(|(d, &(ty, rows, cols, _))| QMatrix::new(ty, rows, cols, d))
+                .collect::<Result<Vec<_>, _>>()
+            else {
+                return 0.0;
+            };
             let x = vec![0.5f32; mats.iter().map(|m| m.2).max().unwrap_or(0)];
             let mut out = vec![0f32; mats.iter().map(|m| m.1).max().unwrap_or(0)];
             // The median pass, not the best: the plan predicts a sustained rate, and on a
@@ -300,11 +309,8 @@ pub fn probe_blocks(threads: usize, probes: &[v1::ShapeProbe]) -> Vec<f64> {
                     break;
                 }
                 let t = Instant::now();
-                for copy in &data {
-                    for (&(ty, rows, cols, _), d) in mats.iter().zip(copy) {
-                        let Ok(m) = QMatrix::new(ty, rows, cols, d) else { return 0.0 };
-                        matmul(&pool, &m, &x[..cols], 1, &mut out[..rows], &mut scratch);
-                    }
+                for m in &arena {
+                    matmul(&pool, m, &x[..m.cols], 1, &mut out[..m.rows], &mut scratch);
                 }
                 if rep > 0 {
                     passes.push(t.elapsed().as_secs_f64() / copies as f64);

@@ -84,6 +84,34 @@ pub fn first_line(out: ChildStdout) -> String {
     rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap_or_default()
 }
 
+/// Starts `shoal worker --listen LISTEN --exit-with-parent --models-dir <test models>
+/// EXTRA...` (global flags such as `--tls-dir` may be among EXTRA), held by `procs` so it dies
+/// with the test, without inheriting `SHOAL_TLS_DIR`/`SHOAL_JOIN_TOKEN`; returns the address
+/// it printed.
+pub fn worker(procs: &mut Procs, listen: &str, extra: &[&str]) -> String {
+    let mut child = Command::new(SHOAL)
+        .args(["worker", "--listen", listen, "--exit-with-parent", "--models-dir"])
+        .arg(models_dir())
+        .args(extra)
+        .env_remove("SHOAL_TLS_DIR")
+        .env_remove("SHOAL_JOIN_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    procs.0.push(child);
+    let line = first_line(out);
+    line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("worker said {line:?}")).to_string()
+}
+
+/// `shoal status --coordinator REG --json`, parsed; the command must succeed.
+pub fn status_json(reg: &str) -> serde_json::Value {
+    let o = Command::new(SHOAL).args(["status", "--json", "--coordinator", reg]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// Starts `shoal serve` on SmolLM2 (registry and API on free loopback ports) with `extra`
 /// flags; returns (registry address, its stdout, pid) once the registry listens.
 pub fn serve(procs: &mut Procs, extra: &[&str]) -> (String, Out, u32) {
