@@ -99,8 +99,13 @@ const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// its shard and reaches the next stage, and the scheduler runs; else 503 with what is wrong.
 async fn health(State(st): State<Arc<ApiState>>) -> Response {
     let mut problems = Vec::new();
-    if tokio::time::timeout(PROBE_WAIT, st.scheduler.stats()).await.map_or(true, |r| r.is_err()) {
-        problems.push("the scheduler does not answer".to_string());
+    match tokio::time::timeout(PROBE_WAIT, st.scheduler.stats()).await {
+        Ok(Ok(stats)) => {
+            if let Some(what) = stats.recovering {
+                problems.push(format!("{what} (requests are paused, not lost)"));
+            }
+        }
+        _ => problems.push("the scheduler does not answer".to_string()),
     }
     if let Some(reg) = &st.registry {
         match tokio::time::timeout(PROBE_WAIT, reg.status()).await {

@@ -108,6 +108,12 @@ impl Metrics {
             for (i, b) in s.kv_budget.iter().enumerate() {
                 let _ = writeln!(o, "shoal_kv_budget_bytes{{stage=\"{i}\"}} {b}");
             }
+            head(&mut o, "shoal_recoveries_total", "counter", "Times the pipeline was formed again (a worker lost or taken in).");
+            let _ = writeln!(o, "shoal_recoveries_total {}", s.recoveries);
+            head(&mut o, "shoal_recovering", "gauge", "1 while the sequences are paused for a recovery.");
+            let _ = writeln!(o, "shoal_recovering {}", u8::from(s.recovering.is_some()));
+            head(&mut o, "shoal_last_recovery_pause_seconds", "gauge", "The last recovery's pause: from the failure to the next sampled token.");
+            let _ = writeln!(o, "shoal_last_recovery_pause_seconds {}", s.last_pause_ms as f64 / 1e3);
         }
         if let Some(st) = status {
             let planned: Vec<&v1::WorkerStatus> = st.workers.iter().filter(|w| w.planned).collect();

@@ -5,60 +5,9 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Procs, status_json};
-
-/// A real etcd on loopback; killed by PID and its data directory removed on drop.
-struct Etcd {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_etcd(data: &std::path::Path) -> Etcd {
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "shoal-test", "--data-dir"])
-        .arg(data)
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("shoal-test={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd is installed by scripts/install-deps (Debian etcd-server)");
-    let etcd = Etcd { child, url };
-    // Ready when its client port answers the health endpoint.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", client)) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
-            let mut body = String::new();
-            let _ = s.read_to_string(&mut body);
-            if body.contains("\"health\":\"true\"") {
-                return etcd;
-            }
-        }
-        assert!(Instant::now() < deadline, "etcd did not become healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use common::{Procs, start_etcd, status_json};
 
 fn joined(st: &serde_json::Value) -> Vec<String> {
     st["workers"].as_array().unwrap().iter().filter(|w| w["joined"] == true).map(|w| w["addr"].as_str().unwrap().to_string()).collect()

@@ -507,7 +507,7 @@ async fn bad_frames_get_invalid_argument_and_the_worker_keeps_serving() {
             route: 0,
             step: 9,
             chunks: vec![v1::Chunk { seq: 1, n_tokens: 2, sample: true }],
-            starts: vec![v1::SeqStart { seq: 1, sampling: None, history: vec![] }],
+            starts: vec![v1::SeqStart { seq: 1, sampling: None, history: vec![], draws_done: 0 }],
             input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids: vec![1] })),
         },
     )
@@ -678,7 +678,7 @@ async fn kv_budget_is_enforced_and_release_frees_it() {
         route: 0,
         step: seq,
         chunks: vec![v1::Chunk { seq, n_tokens: n, sample: true }],
-        starts: vec![v1::SeqStart { seq, sampling: None, history: vec![] }],
+        starts: vec![v1::SeqStart { seq, sampling: None, history: vec![], draws_done: 0 }],
         input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids: vec![1; n as usize] })),
     };
     let r = one_frame(&mut c, frame(1, 8)).await.unwrap();

@@ -181,6 +181,21 @@ pub fn llama_n_kv(n_ctx: usize, used: usize) -> usize {
     pad(n_ctx).min(pad(used).max(256))
 }
 
+/// Longest run of one-token steps that [`ggml_flash_batchable`] lets a replay send as one
+/// chunk: a chunk of 64 or more query tokens takes the tiled kernel.
+pub const MAX_BATCHED_REPLAY: usize = TILE - 1;
+
+/// Whether a one-token step over `used` cells (the new token included), under
+/// [`AttnNumerics::GgmlFlash`] with `n_ctx`, runs the same per-query kernel that a chunk of
+/// 2 ..= [`MAX_BATCHED_REPLAY`] query tokens runs. Each query of that kernel is computed on
+/// its own, so a run of such steps replayed as one chunk gives the same bits: how a
+/// sequence's KV is rebuilt quickly and exactly after a worker is lost. False once ggml
+/// would split the KV of a single token (512 cells or more).
+pub fn ggml_flash_batchable(n_ctx: usize, used: usize) -> bool {
+    let shape = AttnShape { n_tok: 1, n_past: used.saturating_sub(1), n_head: 1, n_kv_head: 1, head_dim: 1, scale: 1.0 };
+    Kernel::choose(AttnNumerics::GgmlFlash { n_ctx, n_threads: 1 }, &shape) == Kernel::OnlineF16
+}
+
 /// The per-head kernel one call runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -842,6 +857,33 @@ mod tests {
 
     /// The fixtures' llama.cpp settings: n_ctx 512, 2 threads.
     const FLASH: AttnNumerics = AttnNumerics::GgmlFlash { n_ctx: 512, n_threads: 2 };
+
+    /// What recovery relies on: a run of one-token steps where `ggml_flash_batchable` holds
+    /// gives, as one chunk, the very bits the steps gave one at a time; and the predicate is
+    /// false where a single token would take the split kernel.
+    #[test]
+    fn batchable_single_token_steps_replay_as_one_chunk_exactly() {
+        let pool = ThreadPool::new(2);
+        let numerics = AttnNumerics::GgmlFlash { n_ctx: 4096, n_threads: 2 };
+        let (n_past, n_tok, nh, nkh, hd) = (190usize, MAX_BATCHED_REPLAY, 6, 2, 64);
+        assert!(ggml_flash_batchable(4096, n_past + n_tok));
+        assert!(!ggml_flash_batchable(4096, 257), "257 cells: ggml reads 512 and splits one token's KV");
+        assert!(ggml_flash_batchable(256, 256));
+        let whole = case(n_tok, n_past, nh, nkh, hd);
+        let all = run(&whole, numerics, &pool);
+        let q_row = nh * hd;
+        for t in 0..n_tok {
+            let one = Case {
+                q: whole.q[t * q_row..(t + 1) * q_row].to_vec(),
+                k: whole.k.clone(),
+                v: whole.v.clone(),
+                shape: AttnShape { n_tok: 1, n_past: n_past + t, ..whole.shape },
+            };
+            let got = run(&one, numerics, &pool);
+            let want = &all[t * q_row..(t + 1) * q_row];
+            assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "token {t} differs");
+        }
+    }
 
     const SHAPES: [(usize, usize); 5] = [(1, 0), (1, 5), (1, 100), (7, 0), (7, 3)];
     const HEADS: [(usize, usize); 3] = [(9, 3), (14, 2), (4, 4)];

@@ -141,6 +141,16 @@ impl Sampler {
         self.history.extend_from_slice(tokens);
     }
 
+    /// Advances the generator past `n` draws. A sample at temperature > 0 makes exactly one
+    /// draw (greedy makes none), so a sequence restarted elsewhere after `k` such samples
+    /// (with its history given to [`Sampler::accept`]) continues with the same tokens a
+    /// sampler that never stopped would pick.
+    pub fn skip_draws(&mut self, n: u64) {
+        for _ in 0..n {
+            self.rng.next_u64();
+        }
+    }
+
     /// Picks the next token from `logits` (one row of the vocabulary) and records it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let id = self.pick(logits);
@@ -259,6 +269,22 @@ mod tests {
     fn greedy_takes_first_max() {
         let mut s = Sampler::new(SamplingParams::greedy());
         assert_eq!(s.sample(&[0.0, 3.0, 1.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn a_restarted_sampler_continues_the_same_stream() {
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.3, seed: Some(11), ..Default::default() };
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let mut whole = Sampler::new(p.clone());
+        whole.accept(&[1, 2, 3]);
+        let all: Vec<u32> = (0..12).map(|_| whole.sample(&logits)).collect();
+        let mut again = Sampler::new(p);
+        again.accept(&[1, 2, 3]);
+        again.accept(&all[..7]);
+        again.skip_draws(7);
+        let rest: Vec<u32> = (0..5).map(|_| again.sample(&logits)).collect();
+        assert_eq!(rest, all[7..]);
+        assert!(all.iter().collect::<std::collections::HashSet<_>>().len() > 2, "the test logits should give varied tokens: {all:?}");
     }
 
     #[test]

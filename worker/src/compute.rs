@@ -34,6 +34,8 @@ pub struct Start {
     /// With `want_logprobs`: how many of the most likely tokens to return too.
     pub top_logprobs: usize,
     pub history: Vec<u32>,
+    /// Random draws its sampler made before (a sequence restarted on a new pipeline).
+    pub draws_done: u64,
 }
 
 /// One step: chunks with their sample flags, new sequences, input.
@@ -151,6 +153,7 @@ impl State {
             self.exec.add_sequence(s.seq);
             let mut sampler = Sampler::new(s.params);
             sampler.accept(&s.history);
+            sampler.skip_draws(s.draws_done);
             self.samplers.insert(s.seq, (sampler, s.want_logprobs.then_some(s.top_logprobs)));
         }
         let input = match &step.input {

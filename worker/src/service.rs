@@ -32,6 +32,9 @@ use crate::{Error, Result};
 pub const MAX_FRAME_TOKENS: usize = 8192;
 /// Most alternatives a sequence may ask for with its log-probabilities (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most sampler draws a restarted sequence may say it made (`SeqStart.draws_done`): more
+/// than any context holds positions.
+pub const MAX_DRAWS_DONE: u64 = 1 << 24;
 /// Most chunks (sequences) in one frame.
 pub const MAX_FRAME_CHUNKS: usize = 1024;
 
@@ -296,6 +299,11 @@ fn to_step(sh: &Loaded, f: v1::ForwardFrame, buf: &mut Vec<f32>) -> Result<Step>
     };
     let mut starts = Vec::with_capacity(f.starts.len());
     for s in f.starts {
+        // A sequence cannot have drawn more samples than a context holds positions; the
+        // bound keeps a hostile frame from spinning the sampler for hours.
+        if s.draws_done > MAX_DRAWS_DONE {
+            return Err(bad(format!("sequence {}: draws_done {} (at most {MAX_DRAWS_DONE})", s.seq, s.draws_done)));
+        }
         // No parameters: greedy.
         let Some(p) = s.sampling else {
             starts.push(Start {
@@ -304,6 +312,7 @@ fn to_step(sh: &Loaded, f: v1::ForwardFrame, buf: &mut Vec<f32>) -> Result<Step>
                 want_logprobs: false,
                 top_logprobs: 0,
                 history: s.history,
+                draws_done: s.draws_done,
             });
             continue;
         };
@@ -328,6 +337,7 @@ fn to_step(sh: &Loaded, f: v1::ForwardFrame, buf: &mut Vec<f32>) -> Result<Step>
             want_logprobs: p.logprobs,
             top_logprobs: p.top_logprobs as usize,
             history: s.history,
+            draws_done: s.draws_done,
         });
     }
     let chunks = f.chunks.iter().map(|c| SeqChunk { seq: c.seq, n_tokens: c.n_tokens as usize }).collect();
@@ -494,6 +504,7 @@ impl worker_server::Worker for WorkerService {
                             seq: s.seq,
                             sampling: Some(params_to_wire(&s.params, s.want_logprobs, s.top_logprobs)),
                             history: s.history.clone(),
+                            draws_done: s.draws_done,
                         })
                         .collect();
                     let out = run_job(&sh, |tx| Job::Step(step, tx)).await??;

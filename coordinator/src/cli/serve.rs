@@ -16,6 +16,7 @@ use shoal_coordinator::api::{self, ApiState};
 use shoal_coordinator::jobs::{self, Jobs};
 use shoal_coordinator::metrics::Metrics;
 use shoal_coordinator::cluster::pipeline::{LoadOptions, Pipeline};
+use shoal_coordinator::cluster::recovery::{EtcdPlan, Recovery};
 use shoal_coordinator::cluster::registry::{self, Registry};
 use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
 use shoal_model::chat::ChatTemplate;
@@ -92,6 +93,14 @@ pub struct ServeArgs {
     /// yield to interactive requests.
     #[arg(long)]
     batch_parallel: Option<usize>,
+    /// When a worker is lost, fail the requests it was serving instead of pausing them and
+    /// forming the pipeline again over the workers left (docs/operations.md).
+    #[arg(long)]
+    no_recovery: bool,
+    /// Longest a recovery waits for enough workers to hold the model again (a replacement
+    /// joining) before the paused requests fail, in seconds.
+    #[arg(long, default_value_t = 300)]
+    recovery_wait_secs: u64,
     #[command(flatten)]
     cluster: super::cluster::ClusterArgs,
 }
@@ -199,7 +208,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let max_seqs = a.max_seqs.max(1);
         let background = a.batch_parallel.unwrap_or(max_seqs / 2).clamp(1, max_seqs);
         let cfg = SchedulerConfig { max_seqs, kv_budget, max_waiting: a.max_queue, background_seqs: background, ..SchedulerConfig::default() };
-        let scheduler = Scheduler::start(pipeline, cfg);
+        let recovery = (!a.no_recovery).then(|| Recovery {
+            registry: Some(reg.clone()),
+            opts: opts.clone(),
+            kv_budget: a.kv_budget_mib.map(|m| m << 20),
+            etcd: a.etcd.clone().map(|urls| EtcdPlan { urls, prefix: a.etcd_prefix.clone(), model_file: file_name.clone() }),
+            wait: Duration::from_secs(a.recovery_wait_secs),
+        });
+        let scheduler = Scheduler::start_with(pipeline, cfg, recovery);
         let state = Arc::new(ApiState {
             scheduler,
             tokenizer: Arc::clone(&tokenizer),

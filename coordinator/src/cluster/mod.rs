@@ -11,6 +11,7 @@
 pub mod local;
 pub mod etcd;
 pub mod pipeline;
+pub mod recovery;
 pub mod registry;
 pub mod scheduler;
 
@@ -31,6 +32,9 @@ pub enum Error {
     Load { addr: String, msg: String },
     #[error("pipeline failed: {0}")]
     Stage(String),
+    /// A stage refused a step (bad frame, KV budget): the pipeline is fine, the step is not.
+    #[error("pipeline refused the step: {0}")]
+    StageRefused(String),
     #[error("no answer from the pipeline within {0:?}")]
     Timeout(std::time::Duration),
     #[error("{have} of {want} workers joined within {waited:?}")]
@@ -50,7 +54,7 @@ impl Error {
             Error::Connect { .. } | Error::Stage(_) | Error::Timeout(_) | Error::NotEnoughWorkers { .. } | Error::Busy(_) => true,
             Error::Serve(_) => false,
             Error::Model(e) => e.is_retryable(),
-            Error::Spawn(_) | Error::Refused { .. } | Error::Plan(_) | Error::Load { .. } => false,
+            Error::Spawn(_) | Error::Refused { .. } | Error::Plan(_) | Error::Load { .. } | Error::StageRefused(_) => false,
         }
     }
 }

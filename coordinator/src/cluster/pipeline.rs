@@ -211,14 +211,19 @@ pub fn plan_live(model: &ModelDesc, live: &[LiveWorker], w: &Workload, even: boo
 }
 
 /// A loaded pipeline: stage 0 first.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Pipeline {
     pub stages: Vec<(Worker, StagePlan)>,
     pub n_ctx: usize,
     /// The plan it was loaded with, with its predictions.
     pub plan: Plan,
-    /// What the plan was made from, to plan again for another workload (`Coordinator.Plan`).
+    /// What the plan was made from, to plan again for another workload (`Coordinator.Plan`)
+    /// or over other workers (recovery).
     pub planning: Planning,
+    /// Compute threads of each stage's worker.
+    pub threads: Vec<usize>,
+    /// The model identity every stage loaded ([`shoal_proto::model_identity`]).
+    pub identity: String,
 }
 
 /// The inputs of a live plan.
@@ -294,10 +299,11 @@ impl Pipeline {
         let name = model.path().file_name().and_then(|n| n.to_str()).unwrap_or("model");
         let desc = ModelDesc::from_header(name, model.header()).map_err(|e| Error::Plan(e.to_string()))?;
         let n_ctx = if opts.n_ctx == 0 { config.n_ctx_train.min(4096) } else { opts.n_ctx };
+        let threads: Vec<usize> = (0..workers.len()).map(|i| opts.threads_of(i)).collect();
         // One at a time: workers on one host would disturb each other's measurements.
         let mut live = Vec::with_capacity(workers.len());
-        for (i, w) in workers.iter().enumerate() {
-            live.push(live_worker(w, opts.threads_of(i), &desc).await?);
+        for (w, &t) in workers.iter().zip(&threads) {
+            live.push(live_worker(w, t, &desc).await?);
         }
         let mut wl = Workload::new(n_ctx as u64, opts.parallel);
         wl.act_bytes = match opts.codec {
@@ -305,15 +311,30 @@ impl Pipeline {
             Codec::Bf16 => 2.0,
             Codec::Q8 => 1.0,
         };
-        let plan = plan_live(&desc, &live, &wl, opts.even, opts.reorder)?;
+        let header = &model.bytes()[..(model.header().data_offset as usize).min(model.bytes().len())];
+        let identity = shoal_proto::model_identity(header, model.file_size());
+        let planning = Planning { model: desc, live, workload: wl, even: opts.even, reorder: opts.reorder };
+        Pipeline::load_on(workers, threads, planning, n_ctx, identity, opts).await
+    }
+
+    /// Plans `planning` over `workers` (measured in `planning.live`, same order; `threads`
+    /// each) and sends every stage its `LoadShard`. A shard replaces whatever the worker held,
+    /// KV included.
+    pub async fn load_on(
+        workers: Vec<Worker>,
+        threads: Vec<usize>,
+        planning: Planning,
+        n_ctx: usize,
+        identity: String,
+        opts: &LoadOptions,
+    ) -> Result<Pipeline> {
+        let plan = plan_live(&planning.model, &planning.live, &planning.workload, planning.even, planning.reorder)?;
         tracing::info!(
             stages = plan.stages.len(),
             decode_tok_s = plan.prediction.decode_tok_s_single,
             "planned {}",
             plan.stages.iter().map(|s| format!("{}:{:?}", s.label, s.layers)).collect::<Vec<_>>().join(" ")
         );
-        let header = &model.bytes()[..(model.header().data_offset as usize).min(model.bytes().len())];
-        let hash = shoal_proto::model_identity(header, model.file_size());
         let dtype = match opts.codec {
             Codec::F32 => v1::ActivationDtype::F32,
             Codec::Bf16 => v1::ActivationDtype::Bf16,
@@ -321,24 +342,24 @@ impl Pipeline {
         };
         let mut slots: Vec<Option<Worker>> = workers.into_iter().map(Some).collect();
         let mut stages: Vec<(Worker, StagePlan)> = Vec::with_capacity(plan.stages.len());
-        let mut threads = Vec::with_capacity(plan.stages.len());
+        let mut stage_threads = Vec::with_capacity(plan.stages.len());
         for s in &plan.stages {
-            let w = slots[s.unit.host].take().ok_or_else(|| Error::Plan("a worker is planned twice".into()))?;
-            threads.push(opts.threads_of(s.unit.host));
+            let w = slots.get_mut(s.unit.host).and_then(Option::take).ok_or_else(|| Error::Plan("a worker is planned twice".into()))?;
+            stage_threads.push(threads.get(s.unit.host).copied().unwrap_or(opts.n_threads));
             stages.push((w, StagePlan { worker: s.unit.host, layers: s.layers.clone(), embed: s.embed, head: s.head }));
         }
         let addrs: Vec<String> = stages.iter().map(|(w, _)| w.addr.clone()).collect();
         for (i, (w, p)) in stages.iter_mut().enumerate() {
             let req = v1::LoadShardRequest {
                 model_file: opts.model_file.clone(),
-                model_hash: hash.clone(),
+                model_hash: identity.clone(),
                 layer_start: p.layers.start as u32,
                 layer_end: p.layers.end as u32,
                 embed: p.embed,
                 head: p.head,
                 kv_budget_bytes: opts.kv_budget,
                 n_ctx: n_ctx as u32,
-                n_threads: threads[i] as u32,
+                n_threads: stage_threads[i] as u32,
                 next_stage: addrs.get(i + 1).cloned().unwrap_or_default(),
                 activation_dtype: dtype as i32,
                 attn_threads: opts.attn_threads as u32,
@@ -348,8 +369,7 @@ impl Pipeline {
                 .await
                 .map_err(|s| Error::Load { addr: w.addr.clone(), msg: s.message().to_string() })?;
         }
-        let planning = Planning { model: desc, live, workload: wl, even: opts.even, reorder: opts.reorder };
-        Ok(Pipeline { stages, n_ctx, plan, planning })
+        Ok(Pipeline { stages, n_ctx, plan, planning, threads: stage_threads, identity })
     }
 
     /// Drops sequences' KV on every stage, in a background task; best effort, bounded in
@@ -375,6 +395,9 @@ pub(crate) fn stage_err(first: &str, s: tonic::Status) -> Error {
     match s.code() {
         C::Unknown | C::Internal | C::Cancelled | C::Unavailable if !s.message().starts_with("next stage") => {
             Error::Stage(format!("first stage {first} failed: {} ({:?})", s.message(), s.code()))
+        }
+        C::InvalidArgument | C::FailedPrecondition | C::ResourceExhausted | C::OutOfRange => {
+            Error::StageRefused(format!("{} ({:?})", s.message(), s.code()))
         }
         _ => Error::Stage(format!("{} ({:?})", s.message(), s.code())),
     }

@@ -141,6 +141,11 @@ impl Registry {
         }
     }
 
+    /// A receiver that changes whenever a worker joins, heartbeats or leaves.
+    pub fn joins(&self) -> watch::Receiver<u64> {
+        self.0.joins.subscribe()
+    }
+
     /// Joined workers heard from recently, in join order.
     pub fn live(&self) -> Vec<pipeline::Worker> {
         let stale = self.0.heartbeat * STALE_HEARTBEATS;

@@ -27,12 +27,25 @@
 //! A sequence ends when it has sampled `max_tokens`, fills the context, or its receiver is
 //! dropped (the caller stopped it: stop string, client gone). Its KV is then released on
 //! every stage, which is safe because none of its frames is in flight at that point (a
-//! dropped receiver is noticed only while its group is idle). A failure of the stream
-//! fails every active sequence with the stage's error (recovery is a later step) and the
-//! next request opens a fresh stream.
+//! dropped receiver is noticed only while its group is idle).
+//!
+//! Recovery (with a [`Recovery`]): when the stream fails (a stage died, a link broke, no
+//! answer came), every sequence pauses where it is and [`Recovery::rebuild`] forms a new
+//! pipeline from the workers still alive (and any that joined). Each sequence then replays
+//! its token history, the chunks it sent so far in the same shapes (runs of one-token steps
+//! merged where attention gives the same bits, [`ggml_flash_batchable`]), without sampling
+//! except for a sample that was lost in flight, so its KV on the new stages is what it was;
+//! its sampler restarts with the same history and random stream (`SeqStart.draws_done`).
+//! Then generation goes on: callers see a pause, not an error. A worker that (re)joins
+//! while the pipeline runs is taken in the same way at a safe point (no frame in flight).
+//! Without a `Recovery`, or after [`MAX_RECOVERIES`] attempts without a token in between, a
+//! failure fails every active sequence and the next request opens a fresh stream.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use shoal_kernels::attention::{MAX_BATCHED_REPLAY, ggml_flash_batchable};
 
 use shoal_model::engine::{GenerateRequest, Generation, PREFILL_CHUNK, TokenStream};
 use shoal_model::sampling::SamplingParams;
@@ -42,7 +55,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::pipeline::{Pipeline, STEP_TIMEOUT, Sampled, stage_err};
+use super::recovery::Recovery;
 use super::{Error, Result};
+
+/// Recoveries in a row without a token sampled in between before the scheduler gives up
+/// and fails the active sequences.
+pub const MAX_RECOVERIES: u32 = 3;
 
 /// How the scheduler batches and admits.
 #[derive(Clone, Debug)]
@@ -117,11 +135,29 @@ pub struct SchedulerStats {
     /// Per stage: KV bytes reserved by the active sequences, and the budget (0: unlimited).
     pub kv_reserved: Vec<u64>,
     pub kv_budget: Vec<u64>,
+    /// What a recovery in progress is doing; `None` while the pipeline runs.
+    pub recovering: Option<String>,
+    /// Pipelines formed again (a worker lost, or one taken in).
+    pub recoveries: u64,
+    /// The last pause: from the failure (or the safe point) to the next sampled token.
+    pub last_pause_ms: u64,
+    /// Stages of the pipeline now.
+    pub stages: usize,
 }
 
 enum Msg {
     Submit(Submission, oneshot::Sender<Result<TokenRx>>),
     Stats(oneshot::Sender<SchedulerStats>),
+    /// A healthy worker that is not a stage wants in.
+    Newcomer(String),
+}
+
+/// Per stage: KV bytes of one token, and the budget (0: unlimited). Replaced when a
+/// recovery changes the stages.
+#[derive(Debug)]
+struct KvShape {
+    per_token: Vec<u64>,
+    budget: Vec<u64>,
 }
 
 /// A handle on a running scheduler; cheap to clone. The scheduler stops when every handle
@@ -130,15 +166,19 @@ enum Msg {
 pub struct Scheduler {
     tx: mpsc::Sender<Msg>,
     n_ctx: usize,
-    stages: usize,
-    /// Per stage: KV bytes of one token, and the budget (0: unlimited).
-    kv_per_token: std::sync::Arc<[u64]>,
-    kv_budget: std::sync::Arc<[u64]>,
+    kv: Arc<RwLock<KvShape>>,
 }
 
 impl Scheduler {
-    /// Starts the scheduler task for `pipeline` on the current tokio runtime.
+    /// Starts the scheduler task for `pipeline` on the current tokio runtime; a failure
+    /// fails the active sequences.
     pub fn start(pipeline: Pipeline, cfg: SchedulerConfig) -> Scheduler {
+        Scheduler::start_with(pipeline, cfg, None)
+    }
+
+    /// Like [`Scheduler::start`]; with `recovery`, a lost worker pauses the sequences
+    /// instead, the pipeline is formed again without it, and they go on (module docs).
+    pub fn start_with(pipeline: Pipeline, cfg: SchedulerConfig, recovery: Option<Recovery>) -> Scheduler {
         let (tx, rx) = mpsc::channel(1024);
         let n_ctx = pipeline.n_ctx;
         let stages = pipeline.stages.len();
@@ -146,11 +186,19 @@ impl Scheduler {
         let kv_per_token: Vec<u64> = (0..stages).map(|i| pipeline.kv_bytes_per_token(i)).collect();
         let kv_budget: Vec<u64> = (0..stages).map(|i| cfg.kv_budget.get(i).copied().unwrap_or(0)).collect();
         let background_seqs = if cfg.background_seqs == 0 { (cfg.max_seqs / 2).max(1) } else { cfg.background_seqs };
+        let kv = Arc::new(RwLock::new(KvShape { per_token: kv_per_token.clone(), budget: kv_budget.clone() }));
+        let stage_addrs = Arc::new(Mutex::new(pipeline.stages.iter().map(|(w, _)| w.addr.clone()).collect::<Vec<_>>()));
+        let recovery = recovery.map(Arc::new);
+        if let Some(rec) = &recovery
+            && let Some(reg) = &rec.registry
+        {
+            tokio::spawn(watch_newcomers(reg.clone(), Arc::clone(&stage_addrs), tx.downgrade()));
+        }
         let core = Core {
             pipeline,
-            kv_per_token: kv_per_token.clone(),
+            kv_per_token,
             kv_reserved: vec![0; stages],
-            cfg: SchedulerConfig { in_flight, kv_budget: kv_budget.clone(), background_seqs, ..cfg },
+            cfg: SchedulerConfig { in_flight, kv_budget, background_seqs, ..cfg },
             groups: vec![Group::default(); in_flight],
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
@@ -159,19 +207,31 @@ impl Scheduler {
             next_step: 0,
             stream: None,
             stats: SchedulerStats::default(),
+            recovery,
+            rebuild: None,
+            recovering: Arc::new(Mutex::new(None)),
+            draining: None,
+            no_progress: 0,
+            paused_at: None,
+            kv: Arc::clone(&kv),
+            stage_addrs,
         };
         tokio::spawn(core.run(rx));
-        Scheduler { tx, n_ctx, stages, kv_per_token: kv_per_token.into(), kv_budget: kv_budget.into() }
+        Scheduler { tx, n_ctx, kv }
+    }
+
+    fn kv_shape(&self) -> std::sync::RwLockReadGuard<'_, KvShape> {
+        self.kv.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// KV bytes a sequence reserves on each stage: its worst case of `tokens` positions.
     pub fn kv_need(&self, tokens: usize) -> Vec<u64> {
-        kv_need(&self.kv_per_token, self.n_ctx, tokens)
+        kv_need(&self.kv_shape().per_token, self.n_ctx, tokens)
     }
 
     /// Per stage KV budget (0: unlimited).
-    pub fn kv_budget(&self) -> &[u64] {
-        &self.kv_budget
+    pub fn kv_budget(&self) -> Vec<u64> {
+        self.kv_shape().budget.clone()
     }
 
     /// Context length of every sequence.
@@ -179,8 +239,9 @@ impl Scheduler {
         self.n_ctx
     }
 
+    /// Stages of the pipeline now.
     pub fn stages(&self) -> usize {
-        self.stages
+        self.kv_shape().per_token.len()
     }
 
     /// Queues a sequence; its tokens arrive on the returned receiver.
@@ -203,7 +264,7 @@ impl Scheduler {
             .into());
         }
         let need = self.kv_need(s.prompt.len() + s.max_tokens);
-        for (i, (&n, &b)) in need.iter().zip(self.kv_budget.iter()).enumerate() {
+        for (i, (&n, &b)) in need.iter().zip(self.kv_budget().iter()).enumerate() {
             if b > 0 && n > b {
                 return Err(shoal_model::Error::InvalidRequest(format!(
                     "a prompt of {} tokens with max_tokens {} needs {:.1} MB of KV on stage {i}, more than its budget of {:.1} MB; ask for fewer tokens",
@@ -291,6 +352,14 @@ struct Seq {
     reserved: Vec<u64>,
     background: bool,
     out: mpsc::UnboundedSender<Result<Sampled>>,
+    /// Every input token sent so far (prompt chunks and decode inputs), in order.
+    fed: Vec<u32>,
+    /// The chunks those tokens went in: (tokens, whether the chunk sampled).
+    chunk_log: Vec<(u32, bool)>,
+    /// The tokens sampled so far (delivered to `out`).
+    samples: Vec<u32>,
+    /// After a recovery: chunks of `fed` still to send again, (start, tokens, sample).
+    replay: VecDeque<(usize, usize, bool)>,
 }
 
 /// A frame sent and not answered yet.
@@ -329,19 +398,44 @@ struct Core {
     next_step: u64,
     stream: Option<Stream>,
     stats: SchedulerStats,
+    recovery: Option<Arc<Recovery>>,
+    /// A rebuild in progress: the new pipeline, or why there is none.
+    rebuild: Option<oneshot::Receiver<Result<Pipeline>>>,
+    /// What the rebuild is doing (`SchedulerStats::recovering`).
+    recovering: Arc<Mutex<Option<String>>>,
+    /// A worker to take in once no frame is in flight.
+    draining: Option<String>,
+    /// Recoveries since the last sampled token.
+    no_progress: u32,
+    /// When the sequences paused; cleared by the next sampled token.
+    paused_at: Option<tokio::time::Instant>,
+    /// The handles' view of the stages' KV (replaced with the pipeline).
+    kv: Arc<RwLock<KvShape>>,
+    /// The stages' addresses, for the newcomer watch.
+    stage_addrs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Core {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut open = true;
         loop {
-            if let Err(e) = self.fill().await {
-                self.fail_all(e).await;
+            if self.rebuild.is_none() {
+                let pending = self.stream.as_ref().is_some_and(|s| !s.pending.is_empty());
+                if let Some(addr) = self.draining.take_if(|_| !pending) {
+                    // A safe point: nothing in flight. Take the newcomer in.
+                    self.pause();
+                    self.start_rebuild(format!("worker {addr} joined"));
+                } else if self.draining.is_none()
+                    && let Err(e) = self.fill().await
+                {
+                    self.failed(e).await;
+                }
             }
             if !open && self.seqs.is_empty() && self.waiting.is_empty() && self.waiting_background.is_empty() {
                 break;
             }
             let pending = self.stream.as_ref().is_some_and(|s| !s.pending.is_empty());
+            let rebuilding = self.rebuild.is_some();
             tokio::select! {
                 m = rx.recv(), if open => match m {
                     Some(Msg::Submit(s, reply)) => {
@@ -365,18 +459,126 @@ impl Core {
                             waiting: self.waiting.len() + self.waiting_background.len(),
                             kv_reserved: self.kv_reserved.clone(),
                             kv_budget: self.cfg.kv_budget.clone(),
+                            recovering: self.recovering.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                            stages: self.pipeline.stages.len(),
                             ..self.stats.clone()
                         });
                     }
+                    Some(Msg::Newcomer(addr)) => {
+                        let known = self.pipeline.stages.iter().any(|(w, _)| w.addr == addr);
+                        if !known && !rebuilding && self.draining.is_none() {
+                            tracing::info!(%addr, "a worker joined: taking it in at the next safe point");
+                            self.draining = Some(addr);
+                        }
+                    }
                     None => open = false,
                 },
-                r = next_result(self.stream.as_mut()), if pending => {
+                r = next_result(self.stream.as_mut()), if pending && !rebuilding => {
                     if let Err(e) = self.answered(r).await {
-                        self.fail_all(e).await;
+                        self.failed(e).await;
                     }
+                }
+                r = rebuilt(self.rebuild.as_mut()), if rebuilding => {
+                    self.rebuild = None;
+                    self.resume(r).await;
                 }
             }
         }
+    }
+
+    /// A failed step: recover if that may help, else fail every active sequence.
+    async fn failed(&mut self, e: Error) {
+        let lost_stage = matches!(e, Error::Stage(_) | Error::Timeout(_) | Error::Connect { .. });
+        if self.recovery.is_none() || !lost_stage || self.no_progress >= MAX_RECOVERIES {
+            return self.fail_all(e).await;
+        }
+        tracing::warn!("pipeline step failed: {e}; pausing the sequences to form the pipeline again");
+        self.pause();
+        self.start_rebuild(e.to_string());
+    }
+
+    /// Pauses every sequence: drops the stream (frames in flight are lost) and sets each
+    /// started sequence to replay what it sent on the next pipeline.
+    fn pause(&mut self) {
+        self.stream = None;
+        for g in &mut self.groups {
+            g.busy = false;
+        }
+        let n_ctx = self.pipeline.n_ctx;
+        for s in self.seqs.values_mut() {
+            if !s.started {
+                continue;
+            }
+            s.started = false;
+            // Each sampling chunk yields one sample; only the last can be missing.
+            let undelivered = s.chunk_log.iter().filter(|c| c.1).count() > s.samples.len();
+            s.replay = replay_plan(&s.chunk_log, undelivered, n_ctx);
+        }
+        self.paused_at.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    fn start_rebuild(&mut self, why: String) {
+        let Some(rec) = self.recovery.clone() else { return };
+        self.no_progress += 1;
+        self.stats.recoveries += 1;
+        let old = self.pipeline.clone();
+        let status = Arc::clone(&self.recovering);
+        let say = move |m: String| {
+            tracing::info!("{m}");
+            if let Some(reg) = &rec.registry {
+                reg.set_state(&m);
+            }
+            *status.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+        };
+        say(format!("recovering: {why}"));
+        let rec = self.recovery.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let Some(rec) = rec else { return };
+            let r = rec.rebuild(&old, &say).await;
+            let _ = tx.send(r);
+        });
+        self.rebuild = Some(rx);
+    }
+
+    /// Takes the rebuilt pipeline (sequences replay from the next frame on), or fails the
+    /// paused sequences with why there is none.
+    async fn resume(&mut self, r: Result<Pipeline>) {
+        *self.recovering.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let rec = self.recovery.clone();
+        let set_state = |m: &str| {
+            if let Some(reg) = rec.as_ref().and_then(|r| r.registry.as_ref()) {
+                reg.set_state(m);
+            }
+        };
+        let p = match r {
+            Ok(p) => p,
+            Err(e) => {
+                set_state("serving (the last recovery failed)");
+                self.paused_at = None;
+                return self.fail_all(e).await;
+            }
+        };
+        let stages = p.stages.len();
+        let per_token: Vec<u64> = (0..stages).map(|i| p.kv_bytes_per_token(i)).collect();
+        let budget = rec.as_ref().map_or_else(|| vec![0; stages], |r| r.kv_budgets(&p));
+        self.kv_reserved = vec![0; stages];
+        for s in self.seqs.values_mut() {
+            s.reserved = kv_need(&per_token, p.n_ctx, s.prompt.len() + s.max_tokens);
+            for (r, &b) in self.kv_reserved.iter_mut().zip(&s.reserved) {
+                *r += b;
+            }
+        }
+        tracing::info!(
+            "pipeline formed again: {}",
+            p.stages.iter().map(|(w, sp)| format!("{} {:?}", w.addr, sp.layers)).collect::<Vec<_>>().join(", ")
+        );
+        *self.stage_addrs.lock().unwrap_or_else(|e| e.into_inner()) = p.stages.iter().map(|(w, _)| w.addr.clone()).collect();
+        *self.kv.write().unwrap_or_else(|e| e.into_inner()) = KvShape { per_token: per_token.clone(), budget: budget.clone() };
+        self.kv_per_token = per_token;
+        self.cfg.kv_budget = budget;
+        self.pipeline = p;
+        set_state("serving");
     }
 
     /// The next waiting submission to admit, if its KV fits: interactive ones first, then
@@ -441,6 +643,10 @@ impl Core {
                     reserved,
                     background: s.priority == Priority::Background,
                     out,
+                    fed: Vec::new(),
+                    chunk_log: Vec::new(),
+                    samples: Vec::new(),
+                    replay: VecDeque::new(),
                 },
             );
         }
@@ -466,33 +672,56 @@ impl Core {
         let mut ids = Vec::new();
         let mut flags = Vec::new();
         let mut budget = self.cfg.prefill_tokens.max(1);
+        let full = budget;
         for &id in &self.groups[g].members {
             let Some(s) = self.seqs.get_mut(&id) else { continue };
-            let tokens: Vec<u32> = if s.sent < s.prompt.len() {
-                if budget == 0 {
+            let (tokens, sample): (Vec<u32>, bool) = if let Some(&(start, n, sample)) = s.replay.front() {
+                // Replaying after a recovery: the same chunks again, from `fed`.
+                // A chunk keeps its shape: it waits for a frame with room, unless it is the
+                // frame's first prompt work (it never fits better).
+                if n > budget && budget < full {
                     continue;
                 }
-                let n = (s.prompt.len() - s.sent).min(budget);
-                budget -= n;
-                s.prompt[s.sent..s.sent + n].to_vec()
-            } else if let Some(t) = s.next {
-                vec![t]
+                budget = budget.saturating_sub(n);
+                s.replay.pop_front();
+                (s.fed[start..start + n].to_vec(), sample)
             } else {
-                continue;
+                let tokens: Vec<u32> = if s.sent < s.prompt.len() {
+                    if budget == 0 {
+                        continue;
+                    }
+                    let n = (s.prompt.len() - s.sent).min(budget);
+                    budget -= n;
+                    s.prompt[s.sent..s.sent + n].to_vec()
+                } else if let Some(t) = s.next {
+                    vec![t]
+                } else {
+                    continue;
+                };
+                let sample = s.sent + tokens.len() >= s.prompt.len();
+                if s.sent < s.prompt.len() {
+                    s.sent += tokens.len();
+                } else {
+                    s.next = None;
+                }
+                s.fed.extend_from_slice(&tokens);
+                s.chunk_log.push((tokens.len() as u32, sample));
+                (tokens, sample)
             };
-            let sample = s.sent + tokens.len() >= s.prompt.len();
             if !s.started {
                 s.started = true;
+                // After a recovery the sampler starts again where it was: the prompt and the
+                // samples so far count for the penalties, and its random stream skips the
+                // draws already made (one per sample above temperature 0).
+                let mut history = s.prompt.clone();
+                history.extend_from_slice(&s.samples);
+                let draws_done = if s.params.temperature > 0.0 { s.samples.len() as u64 } else { 0 };
                 starts.push(v1::SeqStart {
                     seq: id,
                     sampling: Some(shoal_worker::service::params_to_wire(&s.params, s.logprobs, s.top_logprobs)),
-                    history: s.prompt.clone(),
+                    history,
+                    draws_done,
                 });
-            }
-            if s.sent < s.prompt.len() {
-                s.sent += tokens.len();
-            } else {
-                s.next = None;
             }
             chunks.push(v1::Chunk { seq: id, n_tokens: tokens.len() as u32, sample });
             flags.push((id, sample));
@@ -577,7 +806,13 @@ impl Core {
                 .ok_or_else(|| Error::Stage(format!("the last stage sampled no token for sequence {id}")))?;
             let Some(s) = self.seqs.get_mut(&id) else { continue };
             self.stats.tokens_sampled += 1;
+            self.no_progress = 0;
+            if let Some(t0) = self.paused_at.take() {
+                self.stats.last_pause_ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(pause_ms = self.stats.last_pause_ms, "generation resumed");
+            }
             s.sampled += 1;
+            s.samples.push(t.token);
             let top = t.top.iter().map(|x| (x.token, x.logprob)).collect();
             let delivered = s.out.send(Ok(Sampled { token: t.token, logprob: t.logprob, top })).is_ok();
             let next = match &s.forced {
@@ -613,6 +848,7 @@ impl Core {
     /// Fails every active sequence with `e` and drops the stream.
     async fn fail_all(&mut self, e: Error) {
         tracing::warn!("pipeline step failed: {e}");
+        self.paused_at = None;
         let msg = match e {
             Error::Stage(m) => m,
             e => e.to_string(),
@@ -626,6 +862,78 @@ impl Core {
             g.busy = false;
         }
         self.finish(&ids).await;
+    }
+}
+
+/// The replay of a sequence's chunks `log` (tokens, sampled) after a recovery, as
+/// (start, tokens, sample) over its fed tokens. Chunks keep their shapes, so every position
+/// is computed by the same kernels as the first time and the rebuilt KV is bit for bit the
+/// lost one; runs of one-token steps whose attention a chunk computes identically
+/// ([`ggml_flash_batchable`] for a context of `n_ctx`) go as one chunk of at most
+/// [`MAX_BATCHED_REPLAY`]. Nothing samples except the last chunk when `undelivered` (its
+/// sample was lost in flight).
+fn replay_plan(log: &[(u32, bool)], undelivered: bool, n_ctx: usize) -> VecDeque<(usize, usize, bool)> {
+    let mut out: VecDeque<(usize, usize, bool)> = VecDeque::new();
+    // Whether the back of `out` is a run of merged one-token steps that may grow.
+    let mut open_run = false;
+    let mut pos = 0;
+    for (i, &(n, sampled)) in log.iter().enumerate() {
+        let n = n as usize;
+        let sample = sampled && undelivered && i + 1 == log.len();
+        let mergeable = n == 1 && ggml_flash_batchable(n_ctx, pos + 1);
+        match out.back_mut() {
+            Some(run) if mergeable && open_run && run.1 < MAX_BATCHED_REPLAY => {
+                run.1 += 1;
+                run.2 = sample;
+            }
+            _ => {
+                out.push_back((pos, n, sample));
+                open_run = mergeable;
+            }
+        }
+        pos += n;
+    }
+    out
+}
+
+/// Tells the scheduler about workers in the registry that are not stages and answer
+/// `Health`, once each while they stay listed; ends with the scheduler.
+async fn watch_newcomers(reg: super::registry::Registry, stages: Arc<Mutex<Vec<String>>>, tx: mpsc::WeakSender<Msg>) {
+    let mut joins = reg.joins();
+    let mut told: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let listed: Vec<_> = reg.live();
+        let current = stages.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // A worker that left the registry, or became a stage, may be told about again.
+        told.retain(|a| listed.iter().any(|w| &w.addr == a) && !current.contains(a));
+        let fresh: Vec<_> = listed.iter().filter(|w| !current.contains(&w.addr) && !told.contains(&w.addr)).cloned().collect();
+        for w in fresh {
+            let mut c = w.client();
+            let ok = matches!(
+                tokio::time::timeout(super::recovery::HEALTH_WAIT, c.health(v1::HealthRequest {})).await,
+                Ok(Ok(_))
+            );
+            if ok {
+                let Some(tx) = tx.upgrade() else { return };
+                told.insert(w.addr.clone());
+                if tx.send(Msg::Newcomer(w.addr.clone())).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if tx.upgrade().is_none() {
+            return;
+        }
+        // Look again on every join, heartbeat or departure, and every 2 s.
+        let _ = tokio::time::timeout(Duration::from_secs(2), joins.changed()).await;
+    }
+}
+
+/// The rebuild's outcome, once it is there.
+async fn rebuilt(r: Option<&mut oneshot::Receiver<Result<Pipeline>>>) -> Result<Pipeline> {
+    match r {
+        None => std::future::pending().await,
+        Some(r) => r.await.unwrap_or_else(|_| Err(Error::Stage("the recovery task ended without an answer".into()))),
     }
 }
 

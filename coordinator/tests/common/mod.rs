@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -140,4 +141,92 @@ pub fn serving(mut out: Out) -> String {
     // Keep reading stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in out.lines() {});
     format!("{http}/v1")
+}
+
+/// A real etcd on loopback; killed by PID and its data directory removed on drop.
+pub struct Etcd {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn start_etcd(data: &std::path::Path) -> Etcd {
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "shoal-test", "--data-dir"])
+        .arg(data)
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("shoal-test={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed by scripts/install-deps (Debian etcd-server)");
+    let etcd = Etcd { child, url };
+    // Ready when its client port answers the health endpoint.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", client)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            if body.contains("\"health\":\"true\"") {
+                return etcd;
+            }
+        }
+        assert!(Instant::now() < deadline, "etcd did not become healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+
+/// One HTTP/1.0 POST on a fresh connection; returns (status, headers + body text).
+pub fn post(base: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let hostport = base.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out)
+}
+
+/// A streamed (SSE) completion: POSTs `body` (which asks for `"stream": true`) and returns
+/// the status and each `data:` event with the time it arrived, `[DONE]` included; `seen`
+/// counts the events as they come.
+pub fn post_stream(base: &str, path: &str, body: &str, seen: &std::sync::atomic::AtomicUsize) -> (u16, Vec<(Instant, String)>) {
+    use std::io::Write;
+    let hostport = base.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut events = Vec::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if let Some(data) = line.trim().strip_prefix("data:") {
+            events.push((Instant::now(), data.trim().to_string()));
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    (status, events)
 }
