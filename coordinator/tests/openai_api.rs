@@ -170,3 +170,54 @@ fn batch_job_survives_a_coordinator_restart() {
     let got = run_suite(&base, &["batch_resume"], &extra);
     check(&["batch_resume"], &got);
 }
+
+/// Leader failover in etcd mode (a real etcd server, on loopback with a temporary data
+/// directory, stopped by PID): two coordinators on one state directory, one leading and one
+/// standing by; the leader is SIGKILLed while a batch job runs. The standby must lead and
+/// serve within 10 s, taking the running pipeline over without the workers loading their
+/// shards again, and the batch must finish with every line run exactly once (the suite's
+/// `batch_resume` checks the journal, the output and error files, and every answer against
+/// the same request run interactively).
+#[test]
+fn a_standby_coordinator_finishes_the_batch_when_the_leader_dies() {
+    let mut procs = Procs::default();
+    let data = procs.temp_dir("etcd");
+    let etcd = common::start_etcd(&data);
+    let prefix = format!("/shoal/failover-{}", std::process::id());
+    let state = procs.temp_dir("state");
+    let handover = state.join("handover.json");
+    let extra = ["--state-dir".as_ref(), state.as_os_str(), "--batch-file".as_ref(), handover.as_os_str()];
+    let st = state.to_str().unwrap();
+    let flags = [
+        "--etcd", &etcd.url, "--etcd-prefix", &prefix, "--min-workers", "2", "--threads", "1", "--ctx", "1024", "--api-key", API_KEY,
+        "--state-dir", st, "--batch-parallel", "2",
+    ];
+    let (reg_a, out_a, pid_a) = common::serve(&mut procs, &flags);
+    for i in 0..2 {
+        common::worker(&mut procs, "127.0.0.1:0", &["--name", &format!("f{i}"), "--etcd", &etcd.url, "--etcd-prefix", &prefix]);
+    }
+    let base_a = serving(out_a);
+    let (reg_b, out_b, _) = common::serve(&mut procs, &flags);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(common::status_json(&reg_b)["state"], "standby: waiting to lead");
+    assert_eq!(common::status_json(&reg_a)["state"], "serving");
+
+    let got = run_suite(&base_a, &["batch_submit"], &extra);
+    check(&["batch_submit"], &got);
+    let status = Command::new("kill").args(["-KILL", &pid_a.to_string()]).status().unwrap();
+    assert!(status.success());
+    let t0 = Instant::now();
+    let base_b = serving(out_b);
+    let took = t0.elapsed();
+    eprintln!("failover: the standby serves {:.2} s after the leader was killed", took.as_secs_f64());
+    assert!(took < std::time::Duration::from_secs(10), "the standby took {took:?}");
+    // It took the pipeline over: both workers still hold the one shard they loaded.
+    let st = common::status_json(&reg_b);
+    let stages: Vec<&serde_json::Value> = st["workers"].as_array().unwrap().iter().filter(|w| w["planned"] == true).collect();
+    assert_eq!(stages.len(), 2, "{st:#}");
+    assert!(stages.iter().all(|w| w["loaded"] == true && w["shard_loads"] == 1), "a shard was loaded again: {st:#}");
+
+    let got = run_suite(&base_b, &["batch_resume"], &extra);
+    check(&["batch_resume"], &got);
+    drop(etcd);
+}

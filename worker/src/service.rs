@@ -57,6 +57,8 @@ struct Loaded {
     layers: (u32, u32),
     head: bool,
     shard_bytes: u64,
+    // The request it was loaded with (model_hash: the file's identity).
+    request: v1::LoadShardRequest,
 }
 
 /// The service: a handle on the state every RPC shares.
@@ -79,6 +81,8 @@ pub struct Inner {
     calibrations: Mutex<std::collections::HashMap<u32, v1::KernelCalibration>>,
     shard: Mutex<Option<Arc<Loaded>>>,
     rejected: std::sync::atomic::AtomicU64,
+    // Shards loaded since start.
+    loads: std::sync::atomic::AtomicU64,
     // The channel Stats times a Health call on, and the next stage it leads to.
     next_probe: tokio::sync::Mutex<Option<(String, WorkerClient<shoal_proto::security::Channel>)>>,
     // Open `Results` streams by route (last stage only).
@@ -96,6 +100,7 @@ impl WorkerService {
             calibrations: Default::default(),
             shard: Mutex::new(None),
             rejected: Default::default(),
+            loads: Default::default(),
             next_probe: Default::default(),
             routes: Default::default(),
         }))
@@ -140,6 +145,7 @@ impl Inner {
             if r.n_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { r.n_threads as usize };
         let attn_threads = if r.attn_threads == 0 { n_threads } else { r.attn_threads as usize };
         let codec = codec_of(r.activation_dtype)?;
+        let request = v1::LoadShardRequest { model_hash: have.clone(), ..r.clone() };
         let reply = v1::LoadShardReply {
             model_hash: have,
             n_layer: c.n_layer as u32,
@@ -156,8 +162,10 @@ impl Inner {
             head: r.head,
             shard_bytes: reply.shard_bytes,
             jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes)?,
+            request,
         };
         *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(reply)
     }
 
@@ -478,6 +486,9 @@ impl worker_server::Worker for WorkerService {
             let mut buf = Vec::new();
             let mut enc = Vec::new();
             let mut route_seen = 0u64;
+            // Sequences started on this stream: they belong to its coordinator and end with
+            // it (a coordinator that died, or gave up on the stream, leaves no KV behind).
+            let mut started: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
             loop {
                 let frame = match inbound.message().await {
                     Ok(Some(f)) => f,
@@ -488,6 +499,7 @@ impl worker_server::Worker for WorkerService {
                 if route != 0 {
                     route_seen = route;
                 }
+                started.extend(frame.starts.iter().map(|s| s.seq));
                 let span = tracing::debug_span!("forward", step = step_id, chunks = frame.chunks.len());
                 let r: Result<()> = async {
                     let step = to_step(&sh, frame, &mut buf)?;
@@ -576,6 +588,13 @@ impl worker_server::Worker for WorkerService {
             if route_seen != 0 {
                 this.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&route_seen);
             }
+            if !started.is_empty() {
+                let seqs: Vec<u64> = started.into_iter().collect();
+                match run_job(&sh, |tx| Job::Release(seqs, tx)).await {
+                    Ok(n) if n > 0 => tracing::info!(released = n, "the stream ended: its sequences' KV is freed"),
+                    _ => {}
+                }
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(up_rx))))
     }
@@ -643,6 +662,13 @@ impl worker_server::Worker for WorkerService {
             embed: sh.as_ref().is_some_and(|s| s.embed),
             head: sh.as_ref().is_some_and(|s| s.head),
             shard_bytes: sh.as_ref().map_or(0, |s| s.shard_bytes),
+            model_hash: sh.as_ref().map_or_else(String::new, |s| s.request.model_hash.clone()),
+            n_ctx: sh.as_ref().map_or(0, |s| s.request.n_ctx),
+            activation_dtype: sh.as_ref().map_or(0, |s| s.request.activation_dtype),
+            n_threads: sh.as_ref().map_or(0, |s| s.request.n_threads),
+            attn_threads: sh.as_ref().map_or(0, |s| s.request.attn_threads),
+            kv_budget_bytes: sh.as_ref().map_or(0, |s| s.request.kv_budget_bytes),
+            loads: self.loads.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }

@@ -16,6 +16,7 @@ use shoal_coordinator::api::{self, ApiState};
 use shoal_coordinator::jobs::{self, Jobs};
 use shoal_coordinator::metrics::Metrics;
 use shoal_coordinator::cluster::pipeline::{LoadOptions, Pipeline};
+use shoal_coordinator::cluster::etcd;
 use shoal_coordinator::cluster::recovery::{EtcdPlan, Recovery};
 use shoal_coordinator::cluster::registry::{self, Registry};
 use shoal_coordinator::cluster::scheduler::{Scheduler, SchedulerConfig};
@@ -130,7 +131,12 @@ fn api_keys(a: &ServeArgs) -> Result<Option<Arc<std::collections::HashSet<String
 pub fn run(a: ServeArgs) -> Result<()> {
     let keys = api_keys(&a)?;
     let state_dir = a.state_dir.clone().unwrap_or_else(jobs::default_dir);
-    let jobs = Arc::new(Jobs::open(&state_dir).with_context(|| format!("opening the state directory {}", state_dir.display()))?);
+    let open_jobs = |dir: &std::path::Path| -> Result<Arc<Jobs>> {
+        Ok(Arc::new(Jobs::open(dir).with_context(|| format!("opening the state directory {}", dir.display()))?))
+    };
+    // In etcd mode coordinators elect a leader, and a standby may share the leader's state
+    // directory: it is opened once this one leads.
+    let early_jobs = if a.etcd.is_none() { Some(open_jobs(&state_dir)?) } else { None };
     let path = a.model.canonicalize().with_context(|| a.model.display().to_string())?;
     if path.is_dir() {
         anyhow::bail!("{}: is a directory", path.display());
@@ -168,24 +174,38 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         super::print_stdout(&format!("registry on {reg_addr}\n"))?;
         let header = &file.bytes()[..(file.header().data_offset as usize).min(file.bytes().len())];
-        reg.set_model(&file_name, &shoal_proto::model_identity(header, file.file_size()));
-        let pipeline = match &given {
-            Some(addrs) => {
+        let identity = shoal_proto::model_identity(header, file.file_size());
+        reg.set_model(&file_name, &identity);
+        if let Some(urls) = &a.etcd {
+            lead(urls, &a.etcd_prefix, &reg_addr.to_string(), &reg).await;
+        }
+        let jobs = match early_jobs {
+            Some(j) => j,
+            // A leader that lost its lease exits, releasing the directory: wait for that.
+            None => open_jobs_when_free(&state_dir).await?,
+        };
+        let joined_opts = LoadOptions { reorder: true, ..opts.clone() };
+        let adopted = match &a.etcd {
+            Some(urls) if given.is_none() => adopt(urls, &a.etcd_prefix, &identity, &reg, &file, &joined_opts).await,
+            _ => None,
+        };
+        let pipeline = match (&given, adopted) {
+            (_, Some(p)) => p,
+            (Some(addrs), None) => {
                 reg.set_state("loading");
                 Pipeline::connect_and_load(addrs, &file, &opts).await?
             }
-            None => {
+            (None, None) => {
                 reg.set_state(&format!("waiting for {} worker(s) to join", a.min_workers));
                 eprintln!("shoal: waiting for {} worker(s) to join {reg_addr}", a.min_workers);
                 let workers = reg.wait_for(a.min_workers.max(1), Duration::from_secs(a.wait_secs)).await?;
                 reg.set_state("loading");
                 // Joined workers come in no particular order: the planner picks it.
-                Pipeline::load(workers, &file, &LoadOptions { reorder: true, ..opts.clone() }).await?
+                Pipeline::load(workers, &file, &joined_opts).await?
             }
         };
         reg.set_pipeline(&pipeline);
         if let Some(urls) = &a.etcd {
-            let identity = shoal_proto::model_identity(header, file.file_size());
             let stages = registry::StageInfo::of(&pipeline);
             match shoal_coordinator::cluster::etcd::publish_plan(urls, &a.etcd_prefix, &file_name, &identity, &stages).await {
                 Ok(version) => eprintln!("shoal: plan version {version} published in etcd"),
@@ -210,6 +230,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let cfg = SchedulerConfig { max_seqs, kv_budget, max_waiting: a.max_queue, background_seqs: background, ..SchedulerConfig::default() };
         let recovery = (!a.no_recovery).then(|| Recovery {
             registry: Some(reg.clone()),
+            // Workers named with --worker are not in the registry: keep them in view.
+            seeds: if given.is_some() { pipeline.stages.iter().map(|(w, _)| w.clone()).collect() } else { Vec::new() },
             opts: opts.clone(),
             kv_budget: a.kv_budget_mib.map(|m| m << 20),
             etcd: a.etcd.clone().map(|urls| EtcdPlan { urls, prefix: a.etcd_prefix.clone(), model_file: file_name.clone() }),
@@ -238,6 +260,88 @@ pub fn run(a: ServeArgs) -> Result<()> {
     });
     drop(local);
     r
+}
+
+/// Waits until this coordinator leads the cluster at `prefix` (etcd election); a lost
+/// leadership later ends the process, so two never drive the workers at once.
+async fn lead(urls: &str, prefix: &str, me: &str, reg: &Registry) {
+    reg.set_state("standby: waiting to lead");
+    eprintln!("shoal: standby: waiting to lead the cluster at {prefix} (etcd election)");
+    let leadership = loop {
+        match etcd::campaign(urls, prefix, me).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::warn!("etcd election: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    eprintln!("shoal: leading the cluster at {prefix} ({})", leadership.key);
+    tokio::spawn(async move {
+        if let Ok(why) = leadership.lost.await {
+            eprintln!("shoal: lost the leadership of the cluster: {why}; exiting so another coordinator can lead");
+            std::process::exit(1);
+        }
+    });
+}
+
+/// Opens the state directory, waiting up to twice the leader lease while another
+/// coordinator (a leader that lost its lease and is exiting) still holds it.
+async fn open_jobs_when_free(dir: &std::path::Path) -> Result<Arc<Jobs>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2 * etcd::LEADER_TTL_S as u64);
+    loop {
+        match Jobs::open(dir) {
+            Ok(j) => return Ok(Arc::new(j)),
+            Err(jobs::Error::Locked(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("opening the state directory {}", dir.display()))),
+        }
+    }
+}
+
+/// Takes over the pipeline the previous leader published in etcd when it is still there:
+/// the same model, every stage's worker alive. Workers that hold their shard keep it (and
+/// nothing is loaded again when none changed). `None`: plan afresh.
+async fn adopt(urls: &str, prefix: &str, identity: &str, reg: &Registry, file: &GgufFile, opts: &LoadOptions) -> Option<Pipeline> {
+    let (plan, version) = match etcd::read_plan(urls, prefix).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("reading the plan from etcd: {e}");
+            return None;
+        }
+    };
+    if plan.model_identity != identity {
+        eprintln!("shoal: the plan in etcd (version {version}) is for another model file: planning afresh");
+        return None;
+    }
+    // The membership is read from etcd in the background: give it a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let workers = loop {
+        let live = reg.live();
+        let found: Option<Vec<_>> = plan.stages.iter().map(|s| live.iter().find(|w| w.addr == s.addr).cloned()).collect();
+        if let Some(w) = found {
+            break w;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!("shoal: not every stage of the plan in etcd (version {version}) is alive: planning afresh");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    reg.set_state("taking over the pipeline");
+    let layout: Vec<std::ops::Range<usize>> = plan.stages.iter().map(|s| s.layer_start..s.layer_end).collect();
+    match Pipeline::adopt_layout(workers, &layout, file, &LoadOptions { reorder: false, ..opts.clone() }).await {
+        Ok(p) => {
+            eprintln!("shoal: took over plan version {version} from etcd");
+            Some(p)
+        }
+        Err(e) => {
+            eprintln!("shoal: could not take over the plan in etcd (version {version}): {e}; planning afresh");
+            None
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

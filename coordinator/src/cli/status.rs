@@ -76,6 +76,7 @@ pub fn to_json(st: &v1::ClusterStatus) -> serde_json::Value {
                 "ram_free_bytes": w.ram_free_bytes,
                 "shard_bytes": w.shard_bytes,
                 "kv_bytes": w.kv_bytes,
+                "shard_loads": w.shard_loads,
                 "sequences": w.sequences,
                 "steps": w.steps,
                 "tokens": w.tokens,

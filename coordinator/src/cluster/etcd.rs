@@ -17,6 +17,9 @@ use super::registry::Registry;
 
 /// Seconds a worker's key outlives its last keep-alive.
 pub const LEASE_TTL_S: i64 = 5;
+/// Seconds the leader's election key outlives its last keep-alive: how long a standby
+/// waits after the leader dies before it leads.
+pub const LEADER_TTL_S: i64 = 3;
 /// Default key prefix (`--etcd-prefix`): several clusters can share one etcd.
 pub const DEFAULT_PREFIX: &str = "/shoal/default";
 
@@ -154,6 +157,87 @@ pub async fn publish_plan(urls: &str, prefix: &str, model: &str, identity: &str,
     let mut c = Client::connect(endpoints(urls), None).await?;
     let r = c.put(plan_key(prefix), value, None).await?;
     Ok(r.header().map_or(0, |h| h.revision()))
+}
+
+/// A plan as published under `{prefix}/plan`.
+#[derive(serde::Deserialize, Debug, Clone, PartialEq)]
+pub struct PublishedPlan {
+    pub model: String,
+    pub model_identity: String,
+    pub stages: Vec<PublishedStage>,
+}
+
+#[derive(serde::Deserialize, Debug, Clone, PartialEq)]
+pub struct PublishedStage {
+    pub addr: String,
+    pub layer_start: usize,
+    pub layer_end: usize,
+    pub embed: bool,
+    pub head: bool,
+}
+
+/// The plan published under `prefix` and its version, if there is a readable one.
+pub async fn read_plan(urls: &str, prefix: &str) -> Result<Option<(PublishedPlan, i64)>, etcd_client::Error> {
+    let mut c = Client::connect(endpoints(urls), None).await?;
+    let r = c.get(plan_key(prefix), None).await?;
+    let Some(kv) = r.kvs().first() else { return Ok(None) };
+    match serde_json::from_slice::<PublishedPlan>(kv.value()) {
+        Ok(p) => Ok(Some((p, kv.mod_revision()))),
+        Err(e) => {
+            tracing::warn!("ignoring the malformed plan in etcd: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// The election of the coordinator that leads the cluster at `prefix`.
+pub fn election_name(prefix: &str) -> String {
+    format!("{}/leader", prefix.trim_end_matches('/'))
+}
+
+/// Leadership won in [`campaign`]: `lost` resolves (with why) if the lease cannot be kept
+/// alive, after which another coordinator may lead and this one must stop.
+pub struct Leadership {
+    pub lost: tokio::sync::oneshot::Receiver<String>,
+    /// The election key (`{prefix}/leader/<lease>`), for the log.
+    pub key: String,
+}
+
+/// Campaigns for leadership of the cluster at `prefix` with `me` (the registry address) as
+/// the value, under a lease of [`LEADER_TTL_S`] kept alive from the start (a standby can
+/// wait for hours). Returns once this coordinator leads: when no other holds the election,
+/// or the leader's lease expired (it died or lost etcd).
+pub async fn campaign(urls: &str, prefix: &str, me: &str) -> Result<Leadership, etcd_client::Error> {
+    let mut c = Client::connect(endpoints(urls), None).await?;
+    let lease = c.lease_grant(LEADER_TTL_S, None).await?.id();
+    let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
+    let (lost_tx, mut lost) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let every = Duration::from_millis((LEADER_TTL_S as u64 * 1000) / 3);
+        let why = loop {
+            if let Err(e) = keeper.keep_alive().await {
+                break format!("keeping the leader lease alive: {e}");
+            }
+            match tokio::time::timeout(every, acks.message()).await {
+                Ok(Ok(Some(a))) if a.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => break "the leader lease expired".to_string(),
+                Ok(Ok(None)) => break "the lease keep-alive stream ended".to_string(),
+                Ok(Err(e)) => break format!("keeping the leader lease alive: {e}"),
+                Err(_) => break "etcd did not answer a lease keep-alive in time".to_string(),
+            }
+            tokio::time::sleep(every).await;
+        };
+        let _ = lost_tx.send(why);
+    });
+    // A standby whose own lease dies while it waits starts over.
+    let r = tokio::select! {
+        r = c.campaign(election_name(prefix), me, lease) => r?,
+        why = &mut lost => {
+            return Err(etcd_client::Error::LeaseKeepAliveError(why.unwrap_or_else(|_| "the keep-alive task ended".into())));
+        }
+    };
+    let key = r.leader().map(|k| String::from_utf8_lossy(k.key()).into_owned()).unwrap_or_default();
+    Ok(Leadership { lost, key })
 }
 
 fn parse(key: &[u8], value: &[u8]) -> Option<Member> {

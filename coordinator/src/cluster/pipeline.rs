@@ -282,6 +282,39 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+/// What planning over some workers starts from.
+pub struct Measured {
+    pub planning: Planning,
+    pub threads: Vec<usize>,
+    pub n_ctx: usize,
+    pub identity: String,
+}
+
+/// Measures `workers` (each calibrated on its threads, the model's blocks timed) for
+/// planning `model` with `opts`.
+pub async fn measure(workers: &[Worker], model: &GgufFile, opts: &LoadOptions) -> Result<Measured> {
+    let config = Config::from_gguf(model)?;
+    let name = model.path().file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let desc = ModelDesc::from_header(name, model.header()).map_err(|e| Error::Plan(e.to_string()))?;
+    let n_ctx = if opts.n_ctx == 0 { config.n_ctx_train.min(4096) } else { opts.n_ctx };
+    let threads: Vec<usize> = (0..workers.len()).map(|i| opts.threads_of(i)).collect();
+    // One at a time: workers on one host would disturb each other's measurements.
+    let mut live = Vec::with_capacity(workers.len());
+    for (w, &t) in workers.iter().zip(&threads) {
+        live.push(live_worker(w, t, &desc).await?);
+    }
+    let mut wl = Workload::new(n_ctx as u64, opts.parallel);
+    wl.act_bytes = match opts.codec {
+        Codec::F32 => 4.0,
+        Codec::Bf16 => 2.0,
+        Codec::Q8 => 1.0,
+    };
+    let header = &model.bytes()[..(model.header().data_offset as usize).min(model.bytes().len())];
+    let identity = shoal_proto::model_identity(header, model.file_size());
+    let planning = Planning { model: desc, live, workload: wl, even: opts.even, reorder: opts.reorder };
+    Ok(Measured { planning, threads, n_ctx, identity })
+}
+
 impl Pipeline {
     /// Connects to the workers at `addrs` (pipeline order) and loads the model on them.
     pub async fn connect_and_load(addrs: &[String], model: &GgufFile, opts: &LoadOptions) -> Result<Pipeline> {
@@ -295,26 +328,14 @@ impl Pipeline {
     /// Plans `workers` over `model` (the coordinator's own copy, read for its header) and
     /// loads every shard.
     pub async fn load(workers: Vec<Worker>, model: &GgufFile, opts: &LoadOptions) -> Result<Pipeline> {
-        let config = Config::from_gguf(model)?;
-        let name = model.path().file_name().and_then(|n| n.to_str()).unwrap_or("model");
-        let desc = ModelDesc::from_header(name, model.header()).map_err(|e| Error::Plan(e.to_string()))?;
-        let n_ctx = if opts.n_ctx == 0 { config.n_ctx_train.min(4096) } else { opts.n_ctx };
-        let threads: Vec<usize> = (0..workers.len()).map(|i| opts.threads_of(i)).collect();
-        // One at a time: workers on one host would disturb each other's measurements.
-        let mut live = Vec::with_capacity(workers.len());
-        for (w, &t) in workers.iter().zip(&threads) {
-            live.push(live_worker(w, t, &desc).await?);
-        }
-        let mut wl = Workload::new(n_ctx as u64, opts.parallel);
-        wl.act_bytes = match opts.codec {
-            Codec::F32 => 4.0,
-            Codec::Bf16 => 2.0,
-            Codec::Q8 => 1.0,
-        };
-        let header = &model.bytes()[..(model.header().data_offset as usize).min(model.bytes().len())];
-        let identity = shoal_proto::model_identity(header, model.file_size());
-        let planning = Planning { model: desc, live, workload: wl, even: opts.even, reorder: opts.reorder };
-        Pipeline::load_on(workers, threads, planning, n_ctx, identity, opts).await
+        let m = measure(&workers, model, opts).await?;
+        Pipeline::load_on(workers, m.threads, m.planning, m.n_ctx, m.identity, opts).await
+    }
+
+    /// [`Pipeline::adopt`] after measuring `workers` (stage order) for the planner.
+    pub async fn adopt_layout(workers: Vec<Worker>, layout: &[Range<usize>], model: &GgufFile, opts: &LoadOptions) -> Result<Pipeline> {
+        let m = measure(&workers, model, opts).await?;
+        Pipeline::adopt(workers, m.threads, m.planning, layout, m.n_ctx, m.identity, opts).await
     }
 
     /// Plans `planning` over `workers` (measured in `planning.live`, same order; `threads`
@@ -329,6 +350,49 @@ impl Pipeline {
         opts: &LoadOptions,
     ) -> Result<Pipeline> {
         let plan = plan_live(&planning.model, &planning.live, &planning.workload, planning.even, planning.reorder)?;
+        Pipeline::place(workers, threads, planning, plan, n_ctx, identity, opts, false).await
+    }
+
+    /// Takes over the pipeline a previous coordinator ran: `workers` in stage order with
+    /// the layers `layout` gives each (from the plan it published), judged by the cost
+    /// model for the predictions. A stage whose worker already holds exactly that shard
+    /// (same model, layers, next stage, context, codec and threads, per its `Stats`) keeps
+    /// it, KV and all: nothing is loaded again when the plan is unchanged.
+    pub async fn adopt(
+        workers: Vec<Worker>,
+        threads: Vec<usize>,
+        planning: Planning,
+        layout: &[Range<usize>],
+        n_ctx: usize,
+        identity: String,
+        opts: &LoadOptions,
+    ) -> Result<Pipeline> {
+        if layout.len() != workers.len() {
+            return Err(Error::Plan(format!("{} stages for {} workers", layout.len(), workers.len())));
+        }
+        let cluster = Cluster::from_workers("workers", &planning.live);
+        let stages: Vec<(Unit, Range<usize>)> =
+            layout.iter().enumerate().map(|(k, r)| (Unit { host: k, gpus: vec![] }, r.clone())).collect();
+        let w = &planning.workload;
+        let plan = (1..=w.parallel.min(stages.len() as u64).max(1))
+            .filter_map(|g| place::evaluate(&planning.model, &cluster, w, &stages, g))
+            .min_by(|a, b| a.objective_s.total_cmp(&b.objective_s))
+            .ok_or_else(|| Error::Plan("the published plan does not fit these workers".into()))?;
+        Pipeline::place(workers, threads, planning, plan, n_ctx, identity, opts, true).await
+    }
+
+    /// Sends each stage of `plan` its shard; with `reuse`, not to a worker that holds it.
+    #[allow(clippy::too_many_arguments)]
+    async fn place(
+        workers: Vec<Worker>,
+        threads: Vec<usize>,
+        planning: Planning,
+        plan: Plan,
+        n_ctx: usize,
+        identity: String,
+        opts: &LoadOptions,
+        reuse: bool,
+    ) -> Result<Pipeline> {
         tracing::info!(
             stages = plan.stages.len(),
             decode_tok_s = plan.prediction.decode_tok_s_single,
@@ -364,6 +428,10 @@ impl Pipeline {
                 activation_dtype: dtype as i32,
                 attn_threads: opts.attn_threads as u32,
             };
+            if reuse && holds(w, &req).await {
+                tracing::info!(addr = %w.addr, layers = ?p.layers, "the worker holds this shard already: kept");
+                continue;
+            }
             w.client
                 .load_shard(req)
                 .await
@@ -386,6 +454,26 @@ impl Pipeline {
             }
         });
     }
+}
+
+/// Whether `w` holds exactly the shard `req` would load (its `Stats`, protocol 1.4).
+async fn holds(w: &Worker, req: &v1::LoadShardRequest) -> bool {
+    let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(5), w.client().stats(v1::StatsRequest {})).await else {
+        return false;
+    };
+    let st = st.into_inner();
+    st.loaded
+        && st.model_hash == req.model_hash
+        && st.layer_start == req.layer_start
+        && st.layer_end == req.layer_end
+        && st.embed == req.embed
+        && st.head == req.head
+        && st.next_stage == req.next_stage
+        && st.n_ctx == req.n_ctx
+        && st.activation_dtype == req.activation_dtype
+        && st.n_threads == req.n_threads
+        && st.attn_threads == req.attn_threads
+        && st.kv_budget_bytes == req.kv_budget_bytes
 }
 
 /// A failure on the stream to the first stage. Stages name the next stage when a link

@@ -17,7 +17,6 @@
 //! The scheduler then rebuilds each sequence's KV by replaying its token history on the new
 //! pipeline (see `scheduler.rs`) and carries on; clients only see a pause.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use shoal_proto::v1;
@@ -42,6 +41,9 @@ pub struct EtcdPlan {
 pub struct Recovery {
     /// Workers that joined (or were found in etcd): replacements and returning workers.
     pub registry: Option<Registry>,
+    /// Workers named at start (`--worker ADDR`): one that was lost is taken back when it
+    /// answers again.
+    pub seeds: Vec<Worker>,
     pub opts: LoadOptions,
     /// Per-stage KV budget in bytes (`--kv-budget-mib`); `None`: the room each plan leaves.
     pub kv_budget: Option<u64>,
@@ -56,15 +58,17 @@ impl Recovery {
         (0..p.stages.len()).map(|i| self.kv_budget.unwrap_or_else(|| p.kv_room(i))).collect()
     }
 
-    /// Registry workers that are not stages of `p` and not in `ignored` (workers a rebuild
-    /// already left out): a reason to rebuild at the next safe point.
-    pub fn newcomers(&self, p: &Pipeline, ignored: &BTreeSet<String>) -> Vec<String> {
-        let Some(reg) = &self.registry else { return Vec::new() };
-        reg.live()
-            .into_iter()
-            .map(|w| w.addr)
-            .filter(|a| !p.stages.iter().any(|(w, _)| &w.addr == a) && !ignored.contains(a))
-            .collect()
+    /// The workers that may serve besides the stages: the seeds, then the registry's.
+    pub fn candidates(&self) -> Vec<Worker> {
+        let mut out = self.seeds.clone();
+        if let Some(reg) = &self.registry {
+            for w in reg.live() {
+                if !out.iter().any(|c| c.addr == w.addr) {
+                    out.push(w);
+                }
+            }
+        }
+        out
     }
 
     /// A pipeline over the workers that are alive now. `say` is told what it is doing
@@ -103,11 +107,9 @@ impl Recovery {
         // Candidates: the old stages (in pipeline order), then registry workers.
         let mut cands: Vec<(Worker, usize)> =
             old.stages.iter().zip(&old.threads).map(|((w, _), &t)| (w.clone(), t)).collect();
-        if let Some(reg) = &self.registry {
-            for w in reg.live() {
-                if !cands.iter().any(|(c, _)| c.addr == w.addr) {
-                    cands.push((w, self.opts.n_threads));
-                }
+        for w in self.candidates() {
+            if !cands.iter().any(|(c, _)| c.addr == w.addr) {
+                cands.push((w, self.opts.n_threads));
             }
         }
         let checks: Vec<_> = cands

@@ -409,6 +409,7 @@ impl Registry {
         }
         ws.shard_bytes = stats.shard_bytes;
         ws.kv_bytes = stats.kv_bytes;
+        ws.shard_loads = stats.loads;
         ws.sequences = stats.sequences;
         ws.steps = stats.steps;
         ws.tokens = stats.tokens;

@@ -41,7 +41,7 @@
 //! Without a `Recovery`, or after [`MAX_RECOVERIES`] attempts without a token in between, a
 //! failure fails every active sequence and the next request opens a fresh stream.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -190,9 +190,9 @@ impl Scheduler {
         let stage_addrs = Arc::new(Mutex::new(pipeline.stages.iter().map(|(w, _)| w.addr.clone()).collect::<Vec<_>>()));
         let recovery = recovery.map(Arc::new);
         if let Some(rec) = &recovery
-            && let Some(reg) = &rec.registry
+            && (rec.registry.is_some() || !rec.seeds.is_empty())
         {
-            tokio::spawn(watch_newcomers(reg.clone(), Arc::clone(&stage_addrs), tx.downgrade()));
+            tokio::spawn(watch_newcomers(Arc::clone(rec), Arc::clone(&stage_addrs), tx.downgrade()));
         }
         let core = Core {
             pipeline,
@@ -203,7 +203,9 @@ impl Scheduler {
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             waiting_background: VecDeque::new(),
-            next_seq: 1,
+            // Random, so a coordinator taking over a running cluster never reuses the
+            // sequence ids of the one before (workers free those when its streams end).
+            next_seq: random_route() >> 8,
             next_step: 0,
             stream: None,
             stats: SchedulerStats::default(),
@@ -896,17 +898,20 @@ fn replay_plan(log: &[(u32, bool)], undelivered: bool, n_ctx: usize) -> VecDeque
     out
 }
 
-/// Tells the scheduler about workers in the registry that are not stages and answer
-/// `Health`, once each while they stay listed; ends with the scheduler.
-async fn watch_newcomers(reg: super::registry::Registry, stages: Arc<Mutex<Vec<String>>>, tx: mpsc::WeakSender<Msg>) {
-    let mut joins = reg.joins();
-    let mut told: BTreeSet<String> = BTreeSet::new();
+/// Tells the scheduler about candidate workers (registered, or named at start) that are
+/// not stages and answer `Health`, once each while they stay candidates and out of the
+/// pipeline; ends with the scheduler.
+async fn watch_newcomers(rec: Arc<Recovery>, stages: Arc<Mutex<Vec<String>>>, tx: mpsc::WeakSender<Msg>) {
+    let mut joins = rec.registry.as_ref().map(|r| r.joins());
+    // When each was told; told again after a while if it is still out (a rebuild found it
+    // gone again, say).
+    let mut told: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
-        let listed: Vec<_> = reg.live();
+        let listed: Vec<_> = rec.candidates();
         let current = stages.lock().unwrap_or_else(|e| e.into_inner()).clone();
         // A worker that left the registry, or became a stage, may be told about again.
-        told.retain(|a| listed.iter().any(|w| &w.addr == a) && !current.contains(a));
-        let fresh: Vec<_> = listed.iter().filter(|w| !current.contains(&w.addr) && !told.contains(&w.addr)).cloned().collect();
+        told.retain(|a, at| listed.iter().any(|w| &w.addr == a) && !current.contains(a) && at.elapsed() < Duration::from_secs(30));
+        let fresh: Vec<_> = listed.iter().filter(|w| !current.contains(&w.addr) && !told.contains_key(&w.addr)).cloned().collect();
         for w in fresh {
             let mut c = w.client();
             let ok = matches!(
@@ -915,7 +920,7 @@ async fn watch_newcomers(reg: super::registry::Registry, stages: Arc<Mutex<Vec<S
             );
             if ok {
                 let Some(tx) = tx.upgrade() else { return };
-                told.insert(w.addr.clone());
+                told.insert(w.addr.clone(), tokio::time::Instant::now());
                 if tx.send(Msg::Newcomer(w.addr.clone())).await.is_err() {
                     return;
                 }
@@ -925,7 +930,12 @@ async fn watch_newcomers(reg: super::registry::Registry, stages: Arc<Mutex<Vec<S
             return;
         }
         // Look again on every join, heartbeat or departure, and every 2 s.
-        let _ = tokio::time::timeout(Duration::from_secs(2), joins.changed()).await;
+        match joins.as_mut() {
+            Some(j) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), j.changed()).await;
+            }
+            None => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
     }
 }
 
@@ -989,4 +999,41 @@ fn random_route() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish() | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replay_plan;
+
+    #[test]
+    fn a_replay_keeps_chunk_shapes_and_merges_one_token_steps_only_where_exact() {
+        // A prompt in chunks of 100 and 20 (the second sampled), then 150 decode steps.
+        let mut log = vec![(100, false), (20, true)];
+        log.extend(std::iter::repeat_n((1, true), 150));
+        let plan: Vec<_> = replay_plan(&log, false, 4096).into_iter().collect();
+        // Prompt chunks as they were, no sampling anywhere.
+        assert_eq!(plan[..2], [(0, 100, false), (100, 20, false)]);
+        // Steps at positions 120..=255 (257 cells and more split a single token's KV) go
+        // in runs of at most 63; the rest one at a time.
+        let merged: Vec<_> = plan[2..].iter().take_while(|c| c.1 > 1).copied().collect();
+        assert_eq!(merged, [(120, 63, false), (183, 63, false), (246, 10, false)]);
+        let singles = &plan[2 + merged.len()..];
+        assert_eq!(singles.len(), 270 - 256);
+        assert!(singles.iter().enumerate().all(|(i, &c)| c == (256 + i, 1, false)), "{singles:?}");
+        // Every fed token is replayed once, in order.
+        let mut at = 0;
+        for &(start, n, _) in &plan {
+            assert_eq!(start, at);
+            at += n;
+        }
+        assert_eq!(at, 270);
+        // A sample lost in flight is taken again by the last chunk, merged or not.
+        let plan = replay_plan(&log, true, 4096);
+        assert_eq!(plan.back(), Some(&(269, 1, true)));
+        assert_eq!(plan.iter().filter(|c| c.2).count(), 1);
+        let short = [(5, true), (1, true), (1, true)];
+        assert_eq!(replay_plan(&short, true, 4096).into_iter().collect::<Vec<_>>(), [(0, 5, false), (5, 2, true)]);
+        // Only a sampling chunk can have lost its sample.
+        assert!(replay_plan(&[(8, false)], true, 4096).iter().all(|c| !c.2));
+    }
 }

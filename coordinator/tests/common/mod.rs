@@ -212,6 +212,8 @@ pub fn post_stream(base: &str, path: &str, body: &str, seen: &std::sync::atomic:
     use std::io::Write;
     let hostport = base.trim_start_matches("http://").trim_end_matches("/v1");
     let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    // Nothing may hang: a stream silent this long fails the test.
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
     write!(s, "POST {path} HTTP/1.0\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -220,8 +222,10 @@ pub fn post_stream(base: &str, path: &str, body: &str, seen: &std::sync::atomic:
     let mut events = Vec::new();
     loop {
         line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
+        match r.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => panic!("the stream stalled or broke after {} events: {e}", events.len()),
         }
         if let Some(data) = line.trim().strip_prefix("data:") {
             events.push((Instant::now(), data.trim().to_string()));
