@@ -681,8 +681,13 @@ async fn kv_budget_is_enforced_and_release_frees_it() {
         starts: vec![v1::SeqStart { seq, sampling: None, history: vec![], draws_done: 0 }],
         input: Some(v1::forward_frame::Input::Tokens(v1::TokenIds { ids: vec![1; n as usize] })),
     };
-    let r = one_frame(&mut c, frame(1, 8)).await.unwrap();
+    // Sequence 1 lives on a stream kept open (its KV belongs to that stream).
+    let (held_tx, held_rx) = tokio::sync::mpsc::channel(4);
+    let mut held = c.forward(tokio_stream::wrappers::ReceiverStream::new(held_rx)).await.unwrap().into_inner();
+    held_tx.send(frame(1, 8)).await.unwrap();
+    let r = held.message().await.unwrap().unwrap();
     assert_eq!(r.tokens.len(), 1);
+    // Another stream's sequence would go over the budget.
     let e = one_frame(&mut c, frame(2, 4)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("KV budget"), "{}", e.message());
@@ -691,6 +696,28 @@ async fn kv_budget_is_enforced_and_release_frees_it() {
     assert_eq!(c.release(v1::ReleaseRequest { seqs: vec![1, 77] }).await.unwrap().into_inner().released, 1);
     assert_eq!(c.stats(v1::StatsRequest {}).await.unwrap().into_inner().kv_bytes, 0);
     one_frame(&mut c, frame(2, 4)).await.unwrap();
+    // A stream that ends frees the KV of the sequences it started: sequence 3, started on
+    // the held stream, goes when that stream is dropped.
+    held_tx.send(frame(3, 5)).await.unwrap();
+    held.message().await.unwrap().unwrap();
+    // Sequence 2's stream has ended, so only sequence 3 holds KV (freeing is asynchronous).
+    let settles_at = |want: u64| {
+        let mut c = c.clone();
+        async move {
+            let t0 = Instant::now();
+            loop {
+                let kv = c.stats(v1::StatsRequest {}).await.unwrap().into_inner().kv_bytes;
+                if kv == want {
+                    return;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(5), "KV stays at {kv} bytes, not {want}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    settles_at(5 * per_token).await;
+    drop((held_tx, held));
+    settles_at(0).await;
 }
 
 /// `top_logprobs` come from the last stage's logits: with f32 frames they equal the
