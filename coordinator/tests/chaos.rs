@@ -3,9 +3,9 @@
 //! A real etcd server (Debian `etcd-server`, on loopback with a temporary data directory,
 //! stopped by PID), three `shoal worker` processes registered there and `shoal serve
 //! --etcd` over them (f32 activations, so any split of the layers gives the same bits).
-//! 16 concurrent greedy streamed completions run once without faults, then again while the
-//! middle stage is killed: every stream must finish with exactly the fault-free text, and
-//! the pause is reported. Then a worker comes back, is taken into the pipeline at a safe
+//! 16 concurrent greedy streamed completions (and 4 seeded ones at temperature 0.9) run once
+//! without faults, then again while the middle stage is killed: every stream must finish
+//! with exactly the fault-free text, and the pause is reported. Then a worker comes back, is taken into the pipeline at a safe
 //! point, and the 16 give the same text again.
 
 mod common;
@@ -28,24 +28,35 @@ struct Streamed {
     longest_gap: Duration,
 }
 
-fn body(topic: &str) -> String {
-    serde_json::json!({
+/// Besides the 16 greedy streams, 4 seeded ones at temperature 0.9: a restarted sampler
+/// must go on with the same random stream.
+const SEEDED: usize = 4;
+
+fn body(i: usize, topic: &str) -> String {
+    let mut b = serde_json::json!({
         "prompt": format!("Write two sentences about {topic}."),
         "max_tokens": 40,
         "temperature": 0,
         "stream": true,
-    })
-    .to_string()
+    });
+    if i >= TOPICS.len() {
+        b["temperature"] = 0.9.into();
+        b["seed"] = (1000 + i).into();
+    }
+    b.to_string()
+}
+
+fn topic(i: usize) -> &'static str {
+    TOPICS[i % TOPICS.len()]
 }
 
 /// Runs the 16 completions at once; `during` runs on this thread once `after` events have
 /// arrived in total.
 fn run_all(api: &str, after: usize, during: impl FnOnce()) -> Vec<Streamed> {
     let seen = Arc::new(AtomicUsize::new(0));
-    let handles: Vec<_> = TOPICS
-        .iter()
-        .map(|t| {
-            let (api, b, seen) = (api.to_string(), body(t), Arc::clone(&seen));
+    let handles: Vec<_> = (0..TOPICS.len() + SEEDED)
+        .map(|i| {
+            let (api, b, seen) = (api.to_string(), body(i, topic(i)), Arc::clone(&seen));
             std::thread::spawn(move || post_stream(&api, "/v1/completions", &b, &seen))
         })
         .collect();
@@ -57,8 +68,9 @@ fn run_all(api: &str, after: usize, during: impl FnOnce()) -> Vec<Streamed> {
     during();
     handles
         .into_iter()
-        .zip(TOPICS)
-        .map(|(h, topic)| {
+        .enumerate()
+        .map(|(i, h)| {
+            let topic = topic(i);
             let (status, events) = h.join().unwrap();
             assert_eq!(status, 200, "{topic}: {events:?}");
             assert_eq!(events.last().map(|e| e.1.as_str()), Some("[DONE]"), "{topic}: the stream did not end well: {events:?}");
@@ -111,7 +123,7 @@ fn a_worker_killed_mid_generation_loses_no_request_and_changes_no_token() {
     let etcd = start_etcd(&data);
     let prefix = format!("/shoal/chaos-{}", std::process::id());
     let etcd_flags = ["--etcd", etcd.url.as_str(), "--etcd-prefix", prefix.as_str()];
-    let mut flags = vec!["--min-workers", "3", "--threads", "1", "--codec", "f32", "--max-seqs", "16"];
+    let mut flags = vec!["--min-workers", "3", "--threads", "1", "--codec", "f32", "--max-seqs", "20"];
     flags.extend(etcd_flags);
     let (reg, out, _) = common::serve(&mut procs, &flags);
     let mut addrs = Vec::new();
@@ -133,15 +145,15 @@ fn a_worker_killed_mid_generation_loses_no_request_and_changes_no_token() {
     let victim = addrs.iter().position(|a| *a == stages[1]).unwrap();
     let victim_proc = procs.0.len() - 3 + victim;
     let killed_at = std::cell::Cell::new(None);
-    let chaos = run_all(&api, 16 * 8, || {
+    let chaos = run_all(&api, 20 * 8, || {
         procs.0[victim_proc].kill().unwrap();
         let _ = procs.0[victim_proc].wait();
         killed_at.set(Some(Instant::now()));
     });
     assert!(killed_at.get().is_some());
-    for ((got, want), topic) in chaos.iter().zip(&reference).zip(TOPICS) {
-        assert_eq!(got.text, want.text, "{topic}: the text changed across the failure");
-        assert_eq!(got.finish, want.finish, "{topic}");
+    for (i, (got, want)) in chaos.iter().zip(&reference).enumerate() {
+        assert_eq!(got.text, want.text, "{} ({i}): the text changed across the failure", topic(i));
+        assert_eq!(got.finish, want.finish, "{}", topic(i));
     }
     let pause = chaos.iter().map(|r| r.longest_gap).max().unwrap();
     let measured = metric(&api, "shoal_last_recovery_pause_seconds");
@@ -168,8 +180,8 @@ fn a_worker_killed_mid_generation_loses_no_request_and_changes_no_token() {
     eprintln!("chaos: the returning worker {back} was taken in after {:.1} s", t0.elapsed().as_secs_f64());
     assert_eq!(planned(&reg).len(), 3);
     let again = run_all(&api, 0, || {});
-    for ((got, want), topic) in again.iter().zip(&reference).zip(TOPICS) {
-        assert_eq!(got.text, want.text, "{topic}: the text changed after the worker came back");
+    for (i, (got, want)) in again.iter().zip(&reference).enumerate() {
+        assert_eq!(got.text, want.text, "{} ({i}): the text changed after the worker came back", topic(i));
     }
     assert_eq!(metric(&api, "shoal_recoveries_total"), 2.0, "the worker's return is the second time the pipeline formed");
     drop(etcd);
