@@ -134,6 +134,9 @@ async fn health(State(st): State<Arc<ApiState>>) -> Response {
     }
 }
 
+/// How long a stream waits for a token before it asks whether the pipeline is paused.
+const PAUSE_NOTICE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(st): State<Arc<ApiState>>) -> Response {
     let sched = tokio::time::timeout(PROBE_WAIT, st.scheduler.stats()).await.ok().and_then(|r| r.ok());
@@ -770,7 +773,24 @@ async fn run(st: Arc<ApiState>, p: Prepared, t0: Instant) -> Result<Response, Ap
         let mut pending: Vec<String> = Vec::new();
         let mut failed = None;
         let mut first = true;
-        while let Some(t) = rx.recv().await {
+        let mut told: Option<String> = None;
+        loop {
+            // A pause of the pipeline (a recovery) is said to the client as an SSE comment,
+            // which clients skip: it also keeps the connection alive.
+            let t = match tokio::time::timeout(PAUSE_NOTICE_AFTER, rx.recv()).await {
+                Ok(Some(t)) => t,
+                Ok(None) => break,
+                Err(_) => {
+                    let what = tokio::time::timeout(PROBE_WAIT, st.scheduler.stats()).await.ok().and_then(|r| r.ok()).and_then(|s| s.recovering);
+                    if let Some(what) = what.filter(|w| told.as_ref() != Some(w)) {
+                        if tx.send(Ok(Event::default().comment(format!("paused: {what}")))).await.is_err() {
+                            return;
+                        }
+                        told = Some(what);
+                    }
+                    continue;
+                }
+            };
             let t = match t {
                 Ok(t) => t,
                 Err(e) => {

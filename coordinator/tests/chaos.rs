@@ -104,14 +104,20 @@ fn planned(reg: &str) -> Vec<String> {
     stages.into_iter().map(|s| s.1).collect()
 }
 
-fn metric(api: &str, name: &str) -> f64 {
+/// `GET path` on the API's host: the whole answer, status line first.
+fn get(api: &str, path: &str) -> String {
     let hostport = api.trim_start_matches("http://").trim_end_matches("/v1");
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(hostport).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out.lines()
+    out
+}
+
+fn metric(api: &str, name: &str) -> f64 {
+    get(api, "/metrics")
+        .lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
@@ -184,5 +190,56 @@ fn a_worker_killed_mid_generation_loses_no_request_and_changes_no_token() {
         assert_eq!(got.text, want.text, "{} ({i}): the text changed after the worker came back", topic(i));
     }
     assert_eq!(metric(&api, "shoal_recoveries_total"), 2.0, "the worker's return is the second time the pipeline formed");
+
+    // Every worker lost: the model fits nowhere, so the streams wait, told why (an SSE
+    // comment; `/health` says so too), until a worker joins; then they finish unchanged.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let (api, b, seen) = (api.clone(), body(i, topic(i)), Arc::clone(&seen));
+            std::thread::spawn(move || common::post_stream_with_comments(&api, "/v1/completions", &b, &seen))
+        })
+        .collect();
+    let t0 = Instant::now();
+    while seen.load(Ordering::Relaxed) < 4 * 6 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no tokens came");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // procs.0[0] is the coordinator; every other child is a worker.
+    for p in procs.0.iter_mut().skip(1) {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let t0 = Instant::now();
+    loop {
+        let health = get(&api, "/health");
+        if health.starts_with("HTTP/1.0 503") && health.contains("waiting for a worker to join") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "/health does not say the pipeline waits: {health}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Long enough for every stream to ask why it waits (after 1 s without a token).
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut extra = vec!["--name", "replacement"];
+    extra.extend(etcd_flags);
+    common::worker(&mut procs, "127.0.0.1:0", &extra);
+    let mut told = 0;
+    let mut all_comments = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, events, comments) = h.join().unwrap();
+        assert_eq!(status, 200);
+        let text: String = events
+            .iter()
+            .filter(|e| e.1 != "[DONE]")
+            .map(|e| serde_json::from_str::<serde_json::Value>(&e.1).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(events.last().map(|e| e.1.as_str()), Some("[DONE]"));
+        assert_eq!(text, reference[i].text, "{}: the text changed after every worker was replaced", topic(i));
+        all_comments.extend(comments.clone());
+        told += usize::from(comments.iter().any(|c| c.starts_with("paused: recovering") && c.contains("waiting for a worker")));
+    }
+    assert!(told > 0, "no stream was told of the pause: {all_comments:?}");
+    eprintln!("chaos: every worker lost, then one joined: 4 streams waited ({told} told why) and finished unchanged");
     drop(etcd);
 }

@@ -209,6 +209,17 @@ pub fn post(base: &str, path: &str, body: &str) -> (u16, String) {
 /// the status and each `data:` event with the time it arrived, `[DONE]` included; `seen`
 /// counts the events as they come.
 pub fn post_stream(base: &str, path: &str, body: &str, seen: &std::sync::atomic::AtomicUsize) -> (u16, Vec<(Instant, String)>) {
+    let (status, events, _) = post_stream_with_comments(base, path, body, seen);
+    (status, events)
+}
+
+/// [`post_stream`], also returning the SSE comments (`: ...` lines) the server sent.
+pub fn post_stream_with_comments(
+    base: &str,
+    path: &str,
+    body: &str,
+    seen: &std::sync::atomic::AtomicUsize,
+) -> (u16, Vec<(Instant, String)>, Vec<String>) {
     use std::io::Write;
     let hostport = base.trim_start_matches("http://").trim_end_matches("/v1");
     let mut s = std::net::TcpStream::connect(hostport).unwrap();
@@ -219,7 +230,7 @@ pub fn post_stream(base: &str, path: &str, body: &str, seen: &std::sync::atomic:
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
     let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let mut events = Vec::new();
+    let (mut events, mut comments) = (Vec::new(), Vec::new());
     loop {
         line.clear();
         match r.read_line(&mut line) {
@@ -230,7 +241,9 @@ pub fn post_stream(base: &str, path: &str, body: &str, seen: &std::sync::atomic:
         if let Some(data) = line.trim().strip_prefix("data:") {
             events.push((Instant::now(), data.trim().to_string()));
             seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if let Some(c) = line.trim().strip_prefix(':') {
+            comments.push(c.trim().to_string());
         }
     }
-    (status, events)
+    (status, events, comments)
 }
