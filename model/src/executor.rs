@@ -21,7 +21,7 @@ use shoal_kernels::ops::{RopeCache, add_bias_rows, add_inplace, rms_norm, swiglu
 use shoal_kernels::ThreadPool;
 
 use crate::arch::RopeKind;
-use crate::weights::{Matrix, Weights};
+use crate::weights::{LayerWeights, Matrix, MoeWeights, Weights};
 use crate::{Error, Result};
 
 /// One sequence's part of a step.
@@ -70,6 +70,16 @@ struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     quant: Vec<u8>,
+    /// Routed experts: router logits, the chosen (expert, weight) per token and slot, the
+    /// tokens gathered for one expert, and each (token, slot)'s expert output.
+    router: Vec<f32>,
+    chosen: Vec<(usize, f32)>,
+    gathered: Vec<f32>,
+    expert_out: Vec<f32>,
+    /// One head's vector while it is QK-normalized.
+    head: Vec<f32>,
+    /// Tokens routed to each expert so far, over all layers (load balance).
+    expert_tokens: Vec<u64>,
 }
 
 fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -174,6 +184,12 @@ impl ShardExecutor {
         Ok(())
     }
 
+    /// Tokens routed to each expert since the executor started, summed over its layers
+    /// (empty for a dense model): how evenly the router spreads the work.
+    pub fn expert_tokens(&self) -> &[u64] {
+        &self.s.expert_tokens
+    }
+
     /// Bytes of KV cache held by all sequences.
     pub fn kv_bytes(&self) -> usize {
         self.seqs.values().flat_map(|c| c.k.iter().chain(c.v.iter())).map(|l| l.len() * 2).sum()
@@ -246,6 +262,17 @@ impl ShardExecutor {
                 add_bias_rows(&mut s.k[..n * kvd], bk);
                 add_bias_rows(&mut s.v[..n * kvd], bv);
             }
+            // QK-norm (qwen3): every head of Q and K RMS-normalized on its own, then scaled.
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                let hd = c.head_dim;
+                let head = grow(&mut s.head, hd);
+                for (rows, norm) in [(&mut s.q[..n * qd], qn), (&mut s.k[..n * kvd], kn)] {
+                    for h in rows.chunks_exact_mut(hd) {
+                        head.copy_from_slice(h);
+                        rms_norm(head, norm, c.rms_eps, h);
+                    }
+                }
+            }
             let att = grow(&mut s.att, n * qd);
             let mut t0 = 0;
             for ch in chunks {
@@ -292,13 +319,18 @@ impl ShardExecutor {
             for t in 0..n {
                 rms_norm(&s.x[t * e..(t + 1) * e], &lw.ffn_norm, c.rms_eps, &mut xn[t * e..(t + 1) * e]);
             }
-            let gate = grow(&mut s.gate, n * ff);
-            mm(&self.pool, &w, &lw.w_gate, &s.xn[..n * e], n, gate, &mut s.quant);
-            let up = grow(&mut s.up, n * ff);
-            mm(&self.pool, &w, &lw.w_up, &s.xn[..n * e], n, up, &mut s.quant);
-            swiglu_inplace(&mut s.gate[..n * ff], &s.up[..n * ff]);
             let tmp = grow(&mut s.tmp, n * e);
-            mm(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, tmp, &mut s.quant);
+            match &lw.moe {
+                None => {
+                    let gate = grow(&mut s.gate, n * ff);
+                    mm(&self.pool, &w, &lw.w_gate, &s.xn[..n * e], n, gate, &mut s.quant);
+                    let up = grow(&mut s.up, n * ff);
+                    mm(&self.pool, &w, &lw.w_up, &s.xn[..n * e], n, up, &mut s.quant);
+                    swiglu_inplace(&mut s.gate[..n * ff], &s.up[..n * ff]);
+                    mm(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, tmp, &mut s.quant);
+                }
+                Some(moe) => moe_ffn(&self.pool, &w, lw, moe, n, s),
+            }
             add_inplace(&mut s.x[..n * e], &s.tmp[..n * e]);
         }
         for ch in chunks {
@@ -342,6 +374,91 @@ impl ShardExecutor {
         }
         Ok(())
     }
+}
+
+/// Routed experts (llama.cpp's `build_moe_ffn` with softmax gating and `norm_w`): for each
+/// of the `n` tokens of `s.xn`, a softmax over the router's logits, the `n_used` most likely
+/// experts (ties: the lower index first) with their probabilities renormalized to sum to 1;
+/// each expert then runs its SwiGLU once for all the tokens routed to it (grouped across the
+/// batch, so an expert's weights are read once per step and unchosen experts not at all),
+/// and each token's output, in `s.tmp`, is `w_0·y_0 + w_1·y_1 + ...` in rank order.
+fn moe_ffn(pool: &ThreadPool, w: &Weights, lw: &LayerWeights, moe: &MoeWeights, n: usize, s: &mut Scratch) {
+    let (ne, k) = (moe.n_expert, moe.n_used);
+    let e = w.config.n_embd;
+    let ff = lw.w_gate.rows / ne;
+    let logits = grow(&mut s.router, n * ne);
+    mm(pool, w, &moe.router, &s.xn[..n * e], n, logits, &mut s.quant);
+    s.chosen.clear();
+    let mut order: Vec<usize> = Vec::with_capacity(ne);
+    for row in logits.chunks_exact_mut(ne) {
+        softmax_row(row);
+        order.clear();
+        order.extend(0..ne);
+        // Stable: equal probabilities keep the lower expert first, as ggml's argsort does.
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let top = &order[..k];
+        let mut sum = 0f32;
+        for &x in top {
+            sum += row[x];
+        }
+        s.chosen.extend(top.iter().map(|&x| (x, row[x] / sum)));
+    }
+    let out = grow(&mut s.expert_out, n * k * e);
+    let mut routed: Vec<usize> = Vec::new();
+    for x in 0..ne {
+        // The (token, slot) pairs routed to expert x, as indices into `chosen`.
+        routed.clear();
+        routed.extend(s.chosen.iter().enumerate().filter(|(_, c)| c.0 == x).map(|(i, _)| i));
+        let m = routed.len();
+        if s.expert_tokens.len() < ne {
+            s.expert_tokens.resize(ne, 0);
+        }
+        s.expert_tokens[x] += m as u64;
+        if m == 0 {
+            continue;
+        }
+        let xs = grow(&mut s.gathered, m * e);
+        for (r, &i) in routed.iter().enumerate() {
+            let t = i / k;
+            xs[r * e..(r + 1) * e].copy_from_slice(&s.xn[t * e..(t + 1) * e]);
+        }
+        let gate = grow(&mut s.gate, m * ff);
+        mm(pool, w, &lw.w_gate.expert(x, ne), &s.gathered[..m * e], m, gate, &mut s.quant);
+        let up = grow(&mut s.up, m * ff);
+        mm(pool, w, &lw.w_up.expert(x, ne), &s.gathered[..m * e], m, up, &mut s.quant);
+        swiglu_inplace(&mut s.gate[..m * ff], &s.up[..m * ff]);
+        let y = grow(&mut s.gathered, m * e);
+        mm(pool, w, &lw.w_down.expert(x, ne), &s.gate[..m * ff], m, y, &mut s.quant);
+        for (r, &i) in routed.iter().enumerate() {
+            out[i * e..(i + 1) * e].copy_from_slice(&y[r * e..(r + 1) * e]);
+        }
+    }
+    let tmp = grow(&mut s.tmp, n * e);
+    for t in 0..n {
+        let dst = &mut tmp[t * e..(t + 1) * e];
+        for slot in 0..k {
+            let i = t * k + slot;
+            let (wt, y) = (s.chosen[i].1, &out[i * e..(i + 1) * e]);
+            if slot == 0 {
+                dst.iter_mut().zip(y).for_each(|(d, &v)| *d = v * wt);
+            } else {
+                dst.iter_mut().zip(y).for_each(|(d, &v)| *d += v * wt);
+            }
+        }
+    }
+}
+
+/// Softmax of one row in place, as ggml's `soft_max` computes it: the max subtracted, the
+/// exponentials summed in f64, each scaled by the reciprocal of the sum.
+fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 fn mm(pool: &ThreadPool, w: &Weights, m: &Matrix, x: &[f32], n: usize, out: &mut [f32], q: &mut Vec<u8>) {

@@ -43,6 +43,31 @@ pub struct Matrix {
     len: usize,
 }
 
+impl Matrix {
+    /// Expert `e`'s matrix of a stacked expert tensor of `n_expert` (GGUF `[cols, rows,
+    /// n_expert]`, read here as `rows * n_expert` rows): its rows, in place.
+    pub fn expert(&self, e: usize, n_expert: usize) -> Matrix {
+        let rows = self.rows / n_expert;
+        let len = self.len / n_expert;
+        Matrix { ty: self.ty, rows, cols: self.cols, start: self.start + e * len, len }
+    }
+
+    /// Bytes of the matrix in the file.
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+}
+
+/// The router of a layer with routed experts; the experts themselves are the layer's
+/// `w_gate` / `w_up` / `w_down`, stacked (see [`Matrix::expert`]).
+#[derive(Debug)]
+pub struct MoeWeights {
+    /// `ffn_gate_inp`: `(n_expert, n_embd)`, one logit per expert.
+    pub router: Matrix,
+    pub n_expert: usize,
+    pub n_used: usize,
+}
+
 /// The weights of one decoder block.
 #[derive(Debug)]
 pub struct LayerWeights {
@@ -54,10 +79,16 @@ pub struct LayerWeights {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
+    /// QK-norm weights, `(head_dim,)` each (qwen3).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
+    /// Dense: `(n_ff, n_embd)`, `(n_ff, n_embd)`, `(n_embd, n_ff)`. With `moe`, every
+    /// expert's, stacked: `n_expert` times as many rows, each expert's rows contiguous.
     pub w_gate: Matrix,
     pub w_up: Matrix,
     pub w_down: Matrix,
+    pub moe: Option<MoeWeights>,
 }
 
 /// The tensors of one shard of a model.
@@ -109,6 +140,24 @@ impl Weights {
             let bias = |w: &Weights, s: &str, len| -> Result<Option<Vec<f32>>> {
                 if config.traits.qkv_bias { w.vector(&n(s), len).map(Some) } else { Ok(None) }
             };
+            let hd = config.head_dim;
+            let qk_norm = |w: &Weights, s: &str| -> Result<Option<Vec<f32>>> {
+                if config.traits.qk_norm { w.vector(&n(s), hd).map(Some) } else { Ok(None) }
+            };
+            let (w_gate, w_up, w_down, moe) = match config.moe {
+                None => (
+                    w.matrix(&n("ffn_gate.weight"), e, ff)?,
+                    w.matrix(&n("ffn_up.weight"), e, ff)?,
+                    w.matrix(&n("ffn_down.weight"), ff, e)?,
+                    None,
+                ),
+                Some(m) => (
+                    w.experts(&n("ffn_gate_exps.weight"), e, m.n_ff, m.n_expert)?,
+                    w.experts(&n("ffn_up_exps.weight"), e, m.n_ff, m.n_expert)?,
+                    w.experts(&n("ffn_down_exps.weight"), m.n_ff, e, m.n_expert)?,
+                    Some(MoeWeights { router: w.matrix(&n("ffn_gate_inp.weight"), e, m.n_expert)?, n_expert: m.n_expert, n_used: m.n_used }),
+                ),
+            };
             let layer = LayerWeights {
                 attn_norm: w.vector(&n("attn_norm.weight"), e)?,
                 wq: w.matrix(&n("attn_q.weight"), e, q)?,
@@ -118,10 +167,13 @@ impl Weights {
                 bq: bias(&w, "attn_q.bias", q)?,
                 bk: bias(&w, "attn_k.bias", kv)?,
                 bv: bias(&w, "attn_v.bias", kv)?,
+                q_norm: qk_norm(&w, "attn_q_norm.weight")?,
+                k_norm: qk_norm(&w, "attn_k_norm.weight")?,
                 ffn_norm: w.vector(&n("ffn_norm.weight"), e)?,
-                w_gate: w.matrix(&n("ffn_gate.weight"), e, ff)?,
-                w_up: w.matrix(&n("ffn_up.weight"), e, ff)?,
-                w_down: w.matrix(&n("ffn_down.weight"), ff, e)?,
+                w_gate,
+                w_up,
+                w_down,
+                moe,
             };
             w.layers.push(layer);
         }
@@ -147,6 +199,21 @@ impl Weights {
         }
         let start = (self.file.header().data_offset + t.offset) as usize;
         Ok(Matrix { ty: t.ty, rows, cols, start, len: t.size as usize })
+    }
+
+    /// A stacked expert tensor of GGUF shape `[cols, rows, n_expert]`, as one matrix of
+    /// `rows * n_expert` rows (expert `e`: [`Matrix::expert`]).
+    fn experts(&self, name: &str, cols: usize, rows: usize, n_expert: usize) -> Result<Matrix> {
+        let t = self.info(name)?;
+        let want = [cols as u64, rows as u64, n_expert as u64];
+        if t.dims != want {
+            return Err(Error::TensorShape { name: name.to_string(), got: t.dims.clone(), want: want.to_vec() });
+        }
+        if !t.ty.is_supported() {
+            return Err(Error::UnsupportedTensorType { name: name.to_string(), ty: t.ty });
+        }
+        let start = (self.file.header().data_offset + t.offset) as usize;
+        Ok(Matrix { ty: t.ty, rows: rows * n_expert, cols, start, len: t.size as usize })
     }
 
     /// A 1-D tensor of `len` elements, dequantized to f32.
@@ -178,13 +245,21 @@ impl Weights {
         &self.file
     }
 
-    /// Bytes of weights this shard reads per forward step (the decode roofline numerator).
+    /// Bytes of weights this shard reads per forward step of one token (the decode roofline
+    /// numerator): with routed experts, the router and the chosen experts' share.
     pub fn bytes_per_step(&self) -> u64 {
         let m = |m: &Matrix| m.len as u64;
         let mut b: u64 = self
             .layers
             .iter()
-            .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.w_gate) + m(&l.w_up) + m(&l.w_down))
+            .map(|l| {
+                let ffn = m(&l.w_gate) + m(&l.w_up) + m(&l.w_down);
+                let ffn = match &l.moe {
+                    None => ffn,
+                    Some(moe) => m(&moe.router) + ffn / moe.n_expert as u64 * moe.n_used as u64,
+                };
+                m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + ffn
+            })
             .sum();
         if let Some(o) = &self.output {
             b += m(o);

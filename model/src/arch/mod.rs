@@ -7,12 +7,13 @@
 
 pub mod llama;
 pub mod qwen2;
+pub mod qwen3;
 
 use crate::gguf::GgufFile;
 use crate::{Error, Result};
 
 /// Architectures shoal can run, as named by `general.architecture`.
-pub const SUPPORTED: &[&str] = &["llama", "qwen2"];
+pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe"];
 
 /// How RoPE pairs dimensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +30,18 @@ pub struct ArchTraits {
     pub rope: RopeKind,
     /// Q, K and V projections carry a bias (qwen2).
     pub qkv_bias: bool,
+    /// Q and K are RMS-normalized per head before RoPE (qwen3).
+    pub qk_norm: bool,
+}
+
+/// Routed experts in place of the dense FFN (`{arch}.expert_count` > 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    pub n_expert: usize,
+    /// Experts each token is routed to (top-k).
+    pub n_used: usize,
+    /// Hidden width of one expert's SwiGLU.
+    pub n_ff: usize,
 }
 
 /// Architecture plus hyperparameters of a decoder-only transformer.
@@ -48,6 +61,8 @@ pub struct Config {
     pub rope_freq_base: f32,
     pub rope_freq_scale: f32,
     pub n_rot: usize,
+    /// Routed experts; `None`: a dense FFN of width `n_ff`.
+    pub moe: Option<MoeConfig>,
 }
 
 impl Config {
@@ -57,6 +72,7 @@ impl Config {
         let traits = match arch.as_str() {
             "llama" => llama::TRAITS,
             "qwen2" => qwen2::TRAITS,
+            "qwen3" | "qwen3moe" => qwen3::TRAITS,
             _ => return Err(Error::UnsupportedArchitecture(arch)),
         };
         let key = |k: &str| format!("{arch}.{k}");
@@ -69,7 +85,13 @@ impl Config {
         };
         let n_layer = usize_of("block_count")?;
         let n_embd = usize_of("embedding_length")?;
-        let n_ff = usize_of("feed_forward_length")?;
+        let n_expert = opt_usize("expert_count")?.unwrap_or(0);
+        // qwen3moe has no dense FFN, so no feed_forward_length of its own.
+        let n_ff = match opt_usize("feed_forward_length")? {
+            Some(v) => v,
+            None if n_expert > 0 => 0,
+            None => usize_of("feed_forward_length")?,
+        };
         let n_head = usize_of("attention.head_count")?;
         let n_head_kv = opt_usize("attention.head_count_kv")?.unwrap_or(n_head);
         let bad = |k: &str, msg: &str| Error::Metadata { key: key(k), msg: msg.to_string() };
@@ -115,6 +137,25 @@ impl Config {
             }
         };
         let n_ctx_train = opt_usize("context_length")?.unwrap_or(2048);
+        let moe = if n_expert > 0 {
+            let n_used = opt_usize("expert_used_count")?.ok_or_else(|| Error::MissingMetadata(key("expert_used_count")))?;
+            if n_expert > 1024 {
+                return Err(bad("expert_count", "at most 1024 experts"));
+            }
+            if n_used == 0 || n_used > n_expert {
+                return Err(bad("expert_used_count", "must be between 1 and expert_count"));
+            }
+            let n_ff_exp = opt_usize("expert_feed_forward_length")?.unwrap_or(n_ff);
+            if n_ff_exp == 0 {
+                return Err(bad("expert_feed_forward_length", "must be positive"));
+            }
+            Some(MoeConfig { n_expert, n_used, n_ff: n_ff_exp })
+        } else {
+            if arch == "qwen3moe" {
+                return Err(Error::MissingMetadata(key("expert_count")));
+            }
+            None
+        };
         Ok(Config {
             arch,
             traits,
@@ -130,6 +171,7 @@ impl Config {
             rope_freq_base,
             rope_freq_scale,
             n_rot,
+            moe,
         })
     }
 

@@ -6,4 +6,4 @@
 
 use super::{ArchTraits, RopeKind};
 
-pub const TRAITS: ArchTraits = ArchTraits { rope: RopeKind::Neox, qkv_bias: true };
+pub const TRAITS: ArchTraits = ArchTraits { rope: RopeKind::Neox, qkv_bias: true, qk_norm: false };
