@@ -2,6 +2,7 @@
 # Builds the reference llama.cpp (the one vendored in llama-cpp-python 0.3.36) for CPU.
 #
 # Usage: scripts/llama-cpp/build.sh            # prints the bin dir on stdout, logs on stderr
+#        scripts/llama-cpp/build.sh --source    # step 1 only: prints the extracted sdist's dir
 #
 # Steps, each skipped when already done:
 #   1. `pip download` the llama-cpp-python sdist into $SHOAL_CACHE/llama.cpp-0.3.36/, check its
@@ -99,6 +100,12 @@ if [[ -n "${LLAMA_EXTRA_FLAGS+set}" ]]; then
     FLAGS="$LLAMA_EXTRA_FLAGS"
 else
     FLAGS="$(default_flags)"
+fi
+
+if [[ "${1:-}" == "--source" ]]; then
+    fetch_sdist
+    echo "$LCP_SRC"
+    exit 0
 fi
 
 if built && cache_matches; then
