@@ -40,6 +40,7 @@ fn opts(name: &str, codec: Codec) -> LoadOptions {
         parallel: 1,
         even: true,
         reorder: false,
+        expert_host: None,
     }
 }
 

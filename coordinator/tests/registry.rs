@@ -253,6 +253,7 @@ async fn shoal_status_shows_both_stages_after_a_generation() {
         parallel: 1,
         even: true,
         reorder: false,
+        expert_host: None,
     };
     let p = Pipeline::load(joined, &file, &opts).await.unwrap();
     let plan = StageInfo::of(&p);

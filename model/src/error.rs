@@ -36,6 +36,9 @@ pub enum Error {
     InvalidRequest(String),
     #[error(transparent)]
     Kernel(#[from] shoal_kernels::Error),
+    /// The expert host that runs this shard's routed experts failed or cannot be reached.
+    #[error("expert host {addr}: {msg}")]
+    ExpertHost { addr: String, msg: String },
 }
 
 impl Error {
@@ -43,7 +46,7 @@ impl Error {
     /// a decision.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io { .. } => true,
+            Error::Io { .. } | Error::ExpertHost { .. } => true,
             Error::ContextFull { .. } => false,
             Error::Gguf { .. }
             | Error::MissingMetadata(_)

@@ -98,6 +98,8 @@ pub struct ShardExecutor {
     attn: AttnNumerics,
     seqs: HashMap<u64, SeqCache>,
     s: Scratch,
+    /// Where the routed experts run when not here ([`ShardExecutor::set_remote_experts`]).
+    remote: Option<Box<dyn RemoteExperts>>,
 }
 
 impl std::fmt::Debug for ShardExecutor {
@@ -129,7 +131,14 @@ impl ShardExecutor {
             attn: AttnNumerics::GgmlFlash { n_ctx, n_threads: n_threads.max(1) },
             seqs: HashMap::new(),
             s: Scratch::default(),
+            remote: None,
         }
+    }
+
+    /// Runs this shard's routed experts on an expert host instead of here; the router stays
+    /// here. The shard's expert tensors are then never read (so never paged in).
+    pub fn set_remote_experts(&mut self, remote: Box<dyn RemoteExperts>) {
+        self.remote = Some(remote);
     }
 
     /// Chooses how attention rounds (see [`AttnNumerics`]).
@@ -329,7 +338,10 @@ impl ShardExecutor {
                     swiglu_inplace(&mut s.gate[..n * ff], &s.up[..n * ff]);
                     mm(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, tmp, &mut s.quant);
                 }
-                Some(moe) => moe_ffn(&self.pool, &w, lw, moe, n, s),
+                Some(moe) => {
+                    let layer = w.spec.layers.start + li;
+                    moe_ffn(&self.pool, &w, layer, lw, moe, n, s, self.remote.as_mut())?;
+                }
             }
             add_inplace(&mut s.x[..n * e], &s.tmp[..n * e]);
         }
@@ -376,16 +388,31 @@ impl ShardExecutor {
     }
 }
 
+/// Where a shard's routed experts run when they are not local: another process (an expert
+/// host) that holds them. Called once per MoE layer per step with the whole batch: `xn` is
+/// `(n, n_embd)`, `chosen` has `n_used` (expert, weight) pairs per token in rank order, and
+/// `out` (`(n, n_embd)`) must get what [`run_experts`] would compute.
+pub trait RemoteExperts: Send {
+    fn run(&mut self, layer: usize, xn: &[f32], n: usize, chosen: &[(usize, f32)], out: &mut [f32]) -> Result<()>;
+}
+
 /// Routed experts (llama.cpp's `build_moe_ffn` with softmax gating and `norm_w`): for each
 /// of the `n` tokens of `s.xn`, a softmax over the router's logits, the `n_used` most likely
 /// experts (ties: the lower index first) with their probabilities renormalized to sum to 1;
-/// each expert then runs its SwiGLU once for all the tokens routed to it (grouped across the
-/// batch, so an expert's weights are read once per step and unchosen experts not at all),
-/// and each token's output, in `s.tmp`, is `w_0·y_0 + w_1·y_1 + ...` in rank order.
-fn moe_ffn(pool: &ThreadPool, w: &Weights, lw: &LayerWeights, moe: &MoeWeights, n: usize, s: &mut Scratch) {
+/// then [`run_experts`] here, or the remote expert host, puts the output in `s.tmp`.
+#[allow(clippy::too_many_arguments)]
+fn moe_ffn(
+    pool: &ThreadPool,
+    w: &Weights,
+    layer: usize,
+    lw: &LayerWeights,
+    moe: &MoeWeights,
+    n: usize,
+    s: &mut Scratch,
+    remote: Option<&mut Box<dyn RemoteExperts>>,
+) -> Result<()> {
     let (ne, k) = (moe.n_expert, moe.n_used);
     let e = w.config.n_embd;
-    let ff = lw.w_gate.rows / ne;
     let logits = grow(&mut s.router, n * ne);
     mm(pool, w, &moe.router, &s.xn[..n * e], n, logits, &mut s.quant);
     s.chosen.clear();
@@ -403,24 +430,76 @@ fn moe_ffn(pool: &ThreadPool, w: &Weights, lw: &LayerWeights, moe: &MoeWeights, 
         }
         s.chosen.extend(top.iter().map(|&x| (x, row[x] / sum)));
     }
-    let out = grow(&mut s.expert_out, n * k * e);
+    if s.expert_tokens.len() < ne {
+        s.expert_tokens.resize(ne, 0);
+    }
+    for &(x, _) in &s.chosen {
+        s.expert_tokens[x] += 1;
+    }
+    let tmp = grow(&mut s.tmp, n * e);
+    match remote {
+        Some(r) => r.run(layer, &s.xn[..n * e], n, &s.chosen, tmp),
+        None => {
+            let mut buf = ExpertScratch::default();
+            std::mem::swap(&mut buf.gate, &mut s.gate);
+            std::mem::swap(&mut buf.up, &mut s.up);
+            std::mem::swap(&mut buf.quant, &mut s.quant);
+            run_experts(pool, w, lw, moe, &s.xn[..n * e], n, &s.chosen, tmp, &mut buf);
+            std::mem::swap(&mut buf.gate, &mut s.gate);
+            std::mem::swap(&mut buf.up, &mut s.up);
+            std::mem::swap(&mut buf.quant, &mut s.quant);
+            s.gathered = std::mem::take(&mut buf.gathered);
+            s.expert_out = std::mem::take(&mut buf.expert_out);
+            Ok(())
+        }
+    }
+}
+
+/// Buffers of [`run_experts`], reused across calls.
+#[derive(Debug, Default)]
+pub struct ExpertScratch {
+    gathered: Vec<f32>,
+    expert_out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    quant: Vec<u8>,
+}
+
+/// Runs layer `lw`'s routed experts for `n` tokens `xn` (`(n, n_embd)`) routed by `chosen`
+/// (`n_used` (expert, weight) pairs per token, in rank order): each expert runs its SwiGLU
+/// once for all the tokens routed to it (grouped across the batch, so an expert's weights are
+/// read once per step and unchosen experts not at all), and each token's output row in `out`
+/// is `w_0·y_0 + w_1·y_1 + ...` in rank order. The same code runs in a stage and on an
+/// expert host, so where experts live changes no bit.
+#[allow(clippy::too_many_arguments)]
+pub fn run_experts(
+    pool: &ThreadPool,
+    w: &Weights,
+    lw: &LayerWeights,
+    moe: &MoeWeights,
+    xn: &[f32],
+    n: usize,
+    chosen: &[(usize, f32)],
+    out: &mut [f32],
+    s: &mut ExpertScratch,
+) {
+    let (ne, k) = (moe.n_expert, moe.n_used);
+    let e = w.config.n_embd;
+    let ff = lw.w_gate.rows / ne;
+    let ys = grow(&mut s.expert_out, n * k * e);
     let mut routed: Vec<usize> = Vec::new();
     for x in 0..ne {
         // The (token, slot) pairs routed to expert x, as indices into `chosen`.
         routed.clear();
-        routed.extend(s.chosen.iter().enumerate().filter(|(_, c)| c.0 == x).map(|(i, _)| i));
+        routed.extend(chosen.iter().enumerate().filter(|(_, c)| c.0 == x).map(|(i, _)| i));
         let m = routed.len();
-        if s.expert_tokens.len() < ne {
-            s.expert_tokens.resize(ne, 0);
-        }
-        s.expert_tokens[x] += m as u64;
         if m == 0 {
             continue;
         }
         let xs = grow(&mut s.gathered, m * e);
         for (r, &i) in routed.iter().enumerate() {
             let t = i / k;
-            xs[r * e..(r + 1) * e].copy_from_slice(&s.xn[t * e..(t + 1) * e]);
+            xs[r * e..(r + 1) * e].copy_from_slice(&xn[t * e..(t + 1) * e]);
         }
         let gate = grow(&mut s.gate, m * ff);
         mm(pool, w, &lw.w_gate.expert(x, ne), &s.gathered[..m * e], m, gate, &mut s.quant);
@@ -430,15 +509,14 @@ fn moe_ffn(pool: &ThreadPool, w: &Weights, lw: &LayerWeights, moe: &MoeWeights, 
         let y = grow(&mut s.gathered, m * e);
         mm(pool, w, &lw.w_down.expert(x, ne), &s.gate[..m * ff], m, y, &mut s.quant);
         for (r, &i) in routed.iter().enumerate() {
-            out[i * e..(i + 1) * e].copy_from_slice(&y[r * e..(r + 1) * e]);
+            ys[i * e..(i + 1) * e].copy_from_slice(&y[r * e..(r + 1) * e]);
         }
     }
-    let tmp = grow(&mut s.tmp, n * e);
     for t in 0..n {
-        let dst = &mut tmp[t * e..(t + 1) * e];
+        let dst = &mut out[t * e..(t + 1) * e];
         for slot in 0..k {
             let i = t * k + slot;
-            let (wt, y) = (s.chosen[i].1, &out[i * e..(i + 1) * e]);
+            let (wt, y) = (chosen[i].1, &ys[i * e..(i + 1) * e]);
             if slot == 0 {
                 dst.iter_mut().zip(y).for_each(|(d, &v)| *d = v * wt);
             } else {

@@ -91,11 +91,15 @@ pub fn spawn(
     n_ctx: usize,
     attn_threads: usize,
     kv_budget: u64,
+    remote: Option<Box<dyn shoal_model::executor::RemoteExperts>>,
 ) -> Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new().name("shoal-compute".into()).spawn(move || {
         let mut exec = ShardExecutor::new(weights, n_threads, n_ctx);
         exec.set_attention_numerics(AttnNumerics::GgmlFlash { n_ctx, n_threads: attn_threads });
+        if let Some(r) = remote {
+            exec.set_remote_experts(r);
+        }
         let mut st = State { exec, samplers: HashMap::new(), kv_budget, counters: Counters::default() };
         while let Ok(job) = rx.recv() {
             match job {

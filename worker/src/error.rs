@@ -72,6 +72,8 @@ impl Error {
                 | M::Tokenizer(_)
                 | M::ChatTemplate(_) => Code::FailedPrecondition,
                 M::Kernel(_) => Code::Internal,
+                // Like a lost next stage: the coordinator forms the pipeline again.
+                M::ExpertHost { .. } => Code::Unavailable,
             },
         }
     }

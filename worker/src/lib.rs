@@ -9,6 +9,7 @@
 
 pub mod compute;
 pub mod error;
+pub mod experts;
 pub mod inventory;
 pub mod join;
 pub mod service;

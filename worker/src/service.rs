@@ -80,6 +80,8 @@ pub struct Inner {
     // Kernel calibrations by thread count, measured once each.
     calibrations: Mutex<std::collections::HashMap<u32, v1::KernelCalibration>>,
     shard: Mutex<Option<Arc<Loaded>>>,
+    // Set instead of `shard` when loaded as an expert host.
+    experts: crate::experts::Slot,
     rejected: std::sync::atomic::AtomicU64,
     // Shards loaded since start.
     loads: std::sync::atomic::AtomicU64,
@@ -99,6 +101,7 @@ impl WorkerService {
             bandwidth: crate::inventory::memory_bandwidth(),
             calibrations: Default::default(),
             shard: Mutex::new(None),
+            experts: Mutex::new(None),
             rejected: Default::default(),
             loads: Default::default(),
             next_probe: Default::default(),
@@ -134,6 +137,30 @@ impl Inner {
         if !r.model_hash.is_empty() && r.model_hash != have {
             return Err(Error::HashMismatch { file: r.model_file, have, want: r.model_hash });
         }
+        let n_threads =
+            if r.n_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { r.n_threads as usize };
+        if r.experts_only {
+            // An expert host: the layers' routed experts only, served by RunExperts.
+            let spec = ShardSpec { layers: r.layer_start as usize..r.layer_end as usize, embed: false, head: false };
+            if spec.layers.is_empty() {
+                return Err(Error::InvalidFrame("an expert host of no layers".into()));
+            }
+            let weights = Arc::new(Weights::load(file, spec)?);
+            let c = &weights.config;
+            let reply = v1::LoadShardReply {
+                model_hash: have,
+                n_layer: c.n_layer as u32,
+                n_embd: c.n_embd as u32,
+                n_vocab: c.n_vocab as u32,
+                shard_bytes: weights.bytes_per_step(),
+            };
+            let host = crate::experts::ExpertHost::new(weights, n_threads)?;
+            tracing::info!(layers = ?host.layers(), "serving routed experts");
+            *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *self.experts.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(host));
+            self.loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(reply);
+        }
         let spec = ShardSpec { layers: r.layer_start as usize..r.layer_end as usize, embed: r.embed, head: r.head };
         if spec.layers.is_empty() && !r.embed && !r.head {
             return Err(Error::InvalidFrame("an empty shard".into()));
@@ -141,11 +168,18 @@ impl Inner {
         let weights = Arc::new(Weights::load(file, spec)?);
         let c = &weights.config;
         let n_ctx = if r.n_ctx == 0 { c.n_ctx_train.min(4096) } else { r.n_ctx as usize };
-        let n_threads =
-            if r.n_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { r.n_threads as usize };
         let attn_threads = if r.attn_threads == 0 { n_threads } else { r.attn_threads as usize };
         let codec = codec_of(r.activation_dtype)?;
         let request = v1::LoadShardRequest { model_hash: have.clone(), ..r.clone() };
+        // Routed experts on an expert host: the compute thread calls it through this runtime.
+        let remote: Option<Box<dyn shoal_model::executor::RemoteExperts>> = match r.expert_host.as_str() {
+            "" => None,
+            addr => Some(Box::new(crate::experts::RemoteClient::new(
+                addr.to_string(),
+                codec,
+                tokio::runtime::Handle::try_current().map_err(|e| Error::InvalidFrame(e.to_string()))?,
+            ))),
+        };
         let reply = v1::LoadShardReply {
             model_hash: have,
             n_layer: c.n_layer as u32,
@@ -161,10 +195,11 @@ impl Inner {
             layers: (r.layer_start, r.layer_end),
             head: r.head,
             shard_bytes: reply.shard_bytes,
-            jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes)?,
+            jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes, remote)?,
             request,
         };
         *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
+        *self.experts.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(reply)
     }
@@ -205,7 +240,7 @@ impl Inner {
 /// Longest Stats waits for the next stage's Health.
 pub const NEXT_STAGE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn codec_of(d: i32) -> Result<Codec> {
+pub(crate) fn codec_of(d: i32) -> Result<Codec> {
     match v1::ActivationDtype::try_from(d) {
         Ok(v1::ActivationDtype::F32) => Ok(Codec::F32),
         Ok(v1::ActivationDtype::Bf16) => Ok(Codec::Bf16),
@@ -597,6 +632,18 @@ impl worker_server::Worker for WorkerService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(up_rx))))
+    }
+
+    async fn run_experts(&self, req: Request<v1::ExpertRequest>) -> std::result::Result<Response<v1::ExpertReply>, Status> {
+        let host = self.experts.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
+            Status::failed_precondition("this worker is not an expert host: LoadShard with experts_only first")
+        })?;
+        let r = req.into_inner();
+        let out = tokio::task::spawn_blocking(move || host.run(r)).await.map_err(|e| Status::internal(e.to_string()))?;
+        if let Err(e) = &out {
+            tracing::warn!("run experts: {e}");
+        }
+        Ok(Response::new(out?))
     }
 
     async fn release(&self, req: Request<v1::ReleaseRequest>) -> std::result::Result<Response<v1::ReleaseReply>, Status> {

@@ -25,6 +25,11 @@ pub struct ClusterArgs {
     /// Compute threads of each worker, in order (e.g. `2,1,1`); overrides --threads.
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     pub worker_threads: Vec<usize>,
+    /// A Mixture-of-Experts model: run every layer's routed experts on this worker (an expert
+    /// host, e.g. a machine with much RAM), not in the stages, which keep the routers. One
+    /// round trip per MoE layer per step, for the whole batch, in the --codec.
+    #[arg(long, value_name = "ADDR")]
+    pub expert_host: Option<String>,
 }
 
 impl ClusterArgs {
@@ -70,6 +75,7 @@ impl ClusterArgs {
             // Local workers share one machine: split evenly unless their threads differ.
             even: self.workers > 0 && self.worker_threads.windows(2).all(|w| w[0] == w[1]),
             reorder: false,
+            expert_host: self.expert_host.clone(),
         })
     }
 }

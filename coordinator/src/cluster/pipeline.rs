@@ -66,6 +66,9 @@ pub struct LoadOptions {
     /// Let the optimizer choose the order of the stages (workers that joined, rather than
     /// addresses given in pipeline order).
     pub reorder: bool,
+    /// Run every MoE layer's routed experts on this worker (an expert host) instead of in
+    /// the stages; the stages keep the routers.
+    pub expert_host: Option<String>,
 }
 
 impl LoadOptions {
@@ -413,6 +416,20 @@ impl Pipeline {
             stages.push((w, StagePlan { worker: s.unit.host, layers: s.layers.clone(), embed: s.embed, head: s.head }));
         }
         let addrs: Vec<String> = stages.iter().map(|(w, _)| w.addr.clone()).collect();
+        if let Some(host) = &opts.expert_host {
+            // The expert host first: every layer's routed experts, on all its cores.
+            let h = connect(host).await?;
+            let req = v1::LoadShardRequest {
+                model_file: opts.model_file.clone(),
+                model_hash: identity.clone(),
+                layer_start: 0,
+                layer_end: planning.model.n_layer as u32,
+                experts_only: true,
+                activation_dtype: dtype as i32,
+                ..Default::default()
+            };
+            h.client().load_shard(req).await.map_err(|s| Error::Load { addr: host.clone(), msg: s.message().to_string() })?;
+        }
         for (i, (w, p)) in stages.iter_mut().enumerate() {
             let req = v1::LoadShardRequest {
                 model_file: opts.model_file.clone(),
@@ -427,8 +444,11 @@ impl Pipeline {
                 next_stage: addrs.get(i + 1).cloned().unwrap_or_default(),
                 activation_dtype: dtype as i32,
                 attn_threads: opts.attn_threads as u32,
+                experts_only: false,
+                expert_host: opts.expert_host.clone().unwrap_or_default(),
             };
-            if reuse && holds(w, &req).await {
+            // (Stats does not say which expert host a stage uses: with one, always load.)
+            if reuse && opts.expert_host.is_none() && holds(w, &req).await {
                 tracing::info!(addr = %w.addr, layers = ?p.layers, "the worker holds this shard already: kept");
                 continue;
             }
