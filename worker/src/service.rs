@@ -741,7 +741,13 @@ pub fn params_to_wire(p: &SamplingParams, logprobs: bool, top_logprobs: usize) -
 /// mutual TLS against the cluster CA and the join token on every request when configured.
 pub async fn serve(listener: tokio::net::TcpListener, svc: WorkerService) -> Result<()> {
     let sec = shoal_proto::security::get();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on each
+    // accepted socket here, or small replies wait for the peer's delayed ACK (40 ms).
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |r| {
+        r.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = sec.server_tls() {
         server = server.tls_config(tls)?;

@@ -446,7 +446,13 @@ impl coordinator_server::Coordinator for Registry {
 /// other services too adds [`Registry::service`] to its own server instead).
 pub async fn serve_registry(listener: tokio::net::TcpListener, registry: Registry) -> Result<()> {
     let sec = shoal_proto::security::get();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on each
+    // accepted socket here, or small replies wait for the peer's delayed ACK (40 ms).
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |r| {
+        r.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = sec.server_tls() {
         server = server.tls_config(tls).map_err(|e| Error::Serve(shoal_proto::error_chain(&e)))?;
