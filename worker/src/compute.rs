@@ -79,8 +79,12 @@ pub struct Counters {
 /// A message to the compute thread.
 #[derive(Debug)]
 pub enum Job {
-    Step(Step, oneshot::Sender<Result<Output>>),
+    /// A step of the `Forward` stream with this id (its new sequences belong to it).
+    Step(u64, Step, oneshot::Sender<Result<Output>>),
     Release(Vec<u64>, oneshot::Sender<u32>),
+    /// The `Forward` stream with this id ended: free the sequences it started that are
+    /// still here.
+    EndStream(u64, oneshot::Sender<u32>),
     Stats(oneshot::Sender<Counters>),
 }
 
@@ -100,10 +104,13 @@ pub fn spawn(
         if let Some(r) = remote {
             exec.set_remote_experts(r);
         }
-        let mut st = State { exec, samplers: HashMap::new(), kv_budget, counters: Counters::default() };
+        let mut st = State { exec, samplers: HashMap::new(), owners: HashMap::new(), kv_budget, counters: Counters::default() };
         while let Ok(job) = rx.recv() {
             match job {
-                Job::Step(step, reply) => {
+                Job::Step(stream, step, reply) => {
+                    for s in &step.starts {
+                        st.owners.insert(s.seq, stream);
+                    }
                     let r = st.step(step);
                     let _ = reply.send(r);
                     // Other stages on this host need the cores until the next step comes.
@@ -112,6 +119,16 @@ pub fn spawn(
                 Job::Release(seqs, reply) => {
                     let n = seqs.iter().filter(|&&s| {
                         st.samplers.remove(&s);
+                        st.owners.remove(&s);
+                        st.exec.release(s)
+                    });
+                    let _ = reply.send(n.count() as u32);
+                }
+                Job::EndStream(stream, reply) => {
+                    let seqs: Vec<u64> = st.owners.iter().filter(|e| *e.1 == stream).map(|e| *e.0).collect();
+                    let n = seqs.iter().filter(|&&s| {
+                        st.samplers.remove(&s);
+                        st.owners.remove(&s);
                         st.exec.release(s)
                     });
                     let _ = reply.send(n.count() as u32);
@@ -131,6 +148,8 @@ pub fn spawn(
 struct State {
     exec: ShardExecutor,
     samplers: HashMap<u64, (Sampler, Option<usize>)>,
+    /// The stream that started each live sequence.
+    owners: HashMap<u64, u64>,
     kv_budget: u64,
     counters: Counters,
 }

@@ -521,9 +521,11 @@ impl worker_server::Worker for WorkerService {
             let mut buf = Vec::new();
             let mut enc = Vec::new();
             let mut route_seen = 0u64;
-            // Sequences started on this stream: they belong to its coordinator and end with
-            // it (a coordinator that died, or gave up on the stream, leaves no KV behind).
-            let mut started: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+            // Sequences started on this stream belong to it and end with it (a coordinator
+            // that died, or gave up on the stream, leaves no KV behind): the compute thread
+            // knows which are still live.
+            static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let stream_id = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             loop {
                 let frame = match inbound.message().await {
                     Ok(Some(f)) => f,
@@ -534,7 +536,6 @@ impl worker_server::Worker for WorkerService {
                 if route != 0 {
                     route_seen = route;
                 }
-                started.extend(frame.starts.iter().map(|s| s.seq));
                 let span = tracing::debug_span!("forward", step = step_id, chunks = frame.chunks.len());
                 let r: Result<()> = async {
                     let step = to_step(&sh, frame, &mut buf)?;
@@ -554,7 +555,7 @@ impl worker_server::Worker for WorkerService {
                             draws_done: s.draws_done,
                         })
                         .collect();
-                    let out = run_job(&sh, |tx| Job::Step(step, tx)).await??;
+                    let out = run_job(&sh, |tx| Job::Step(stream_id, step, tx)).await??;
                     match (out, &down) {
                         (Output::Hidden(h), Some(dtx)) => {
                             let n: usize = chunks.iter().map(|c| c.n_tokens as usize).sum();
@@ -623,12 +624,10 @@ impl worker_server::Worker for WorkerService {
             if route_seen != 0 {
                 this.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&route_seen);
             }
-            if !started.is_empty() {
-                let seqs: Vec<u64> = started.into_iter().collect();
-                match run_job(&sh, |tx| Job::Release(seqs, tx)).await {
-                    Ok(n) if n > 0 => tracing::info!(released = n, "the stream ended: its sequences' KV is freed"),
-                    _ => {}
-                }
+            if let Ok(n) = run_job(&sh, |tx| Job::EndStream(stream_id, tx)).await
+                && n > 0
+            {
+                tracing::info!(released = n, "the stream ended: its sequences' KV is freed");
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(up_rx))))

@@ -25,6 +25,9 @@ use super::pipeline::{self, LoadOptions, Pipeline, Planning, Worker};
 use super::registry::{Registry, StageInfo};
 use super::{Error, Result};
 
+/// What a rebuild gives: the new pipeline and the workers it had to leave out.
+pub type Rebuilt = (Pipeline, Vec<String>);
+
 /// How long a candidate has to answer `Health`.
 pub const HEALTH_WAIT: Duration = Duration::from_secs(2);
 
@@ -73,15 +76,24 @@ impl Recovery {
 
     /// A pipeline over the workers that are alive now. `say` is told what it is doing
     /// (for `/health`, the registry's state and the log).
-    pub async fn rebuild(&self, old: &Pipeline, say: &(dyn Fn(String) + Send + Sync)) -> Result<Pipeline> {
+    ///
+    /// A worker that fails its calibration or its `LoadShard` is left out and the plan made
+    /// again at once without it; the addresses left out so are returned beside the pipeline
+    /// (the scheduler does not take them in again for a while).
+    pub async fn rebuild(&self, old: &Pipeline, say: &(dyn Fn(String) + Send + Sync)) -> Result<Rebuilt> {
         let deadline = tokio::time::Instant::now() + self.wait;
         let mut joins = self.registry.as_ref().map(|r| r.joins());
+        let mut excluded: Vec<String> = Vec::new();
         loop {
             if let Some(j) = joins.as_mut() {
                 j.borrow_and_update();
             }
-            match self.try_rebuild(old, say).await {
-                Ok(p) => return Ok(p),
+            match self.try_rebuild(old, say, &excluded).await {
+                Ok(p) => return Ok((p, excluded)),
+                Err(Error::Load { addr, msg } | Error::Connect { addr, msg }) if !excluded.contains(&addr) => {
+                    tracing::warn!(%addr, "leaving the worker out: {msg}");
+                    excluded.push(addr);
+                }
                 Err(e) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(Error::Stage(format!("no pipeline could be formed again within {:?}: {e}", self.wait)));
@@ -103,7 +115,7 @@ impl Recovery {
         }
     }
 
-    async fn try_rebuild(&self, old: &Pipeline, say: &(dyn Fn(String) + Send + Sync)) -> Result<Pipeline> {
+    async fn try_rebuild(&self, old: &Pipeline, say: &(dyn Fn(String) + Send + Sync), excluded: &[String]) -> Result<Pipeline> {
         // Candidates: the old stages (in pipeline order), then registry workers.
         let mut cands: Vec<(Worker, usize)> =
             old.stages.iter().zip(&old.threads).map(|((w, _), &t)| (w.clone(), t)).collect();
@@ -112,6 +124,7 @@ impl Recovery {
                 cands.push((w, self.opts.n_threads));
             }
         }
+        cands.retain(|(w, _)| !excluded.contains(&w.addr));
         let checks: Vec<_> = cands
             .iter()
             .map(|(w, _)| {
@@ -139,7 +152,11 @@ impl Recovery {
                 Some(l) => live.push(l.clone()),
                 None => {
                     say(format!("recovering: calibrating {}", w.addr));
-                    live.push(pipeline::live_worker(w, *t, &old.planning.model).await?);
+                    // A newcomer that cannot be measured is left out (by the caller).
+                    let l = pipeline::live_worker(w, *t, &old.planning.model)
+                        .await
+                        .map_err(|e| Error::Load { addr: w.addr.clone(), msg: e.to_string() })?;
+                    live.push(l);
                 }
             }
         }

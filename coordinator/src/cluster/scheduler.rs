@@ -55,12 +55,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::pipeline::{Pipeline, STEP_TIMEOUT, Sampled, stage_err};
-use super::recovery::Recovery;
+use super::recovery::{Rebuilt, Recovery};
 use super::{Error, Result};
 
 /// Recoveries in a row without a token sampled in between before the scheduler gives up
 /// and fails the active sequences.
 pub const MAX_RECOVERIES: u32 = 3;
+
+/// How long a worker a rebuild had to leave out (it failed its calibration or load) is not
+/// taken in again, so a broken newcomer does not pause everyone every time it is seen.
+const SHUN_FOR: Duration = Duration::from_secs(600);
 
 /// How the scheduler batches and admits.
 #[derive(Clone, Debug)]
@@ -211,6 +215,7 @@ impl Scheduler {
             stats: SchedulerStats::default(),
             recovery,
             rebuild: None,
+            shunned: HashMap::new(),
             recovering: Arc::new(Mutex::new(None)),
             draining: None,
             no_progress: 0,
@@ -402,7 +407,9 @@ struct Core {
     stats: SchedulerStats,
     recovery: Option<Arc<Recovery>>,
     /// A rebuild in progress: the new pipeline, or why there is none.
-    rebuild: Option<oneshot::Receiver<Result<Pipeline>>>,
+    rebuild: Option<oneshot::Receiver<Result<Rebuilt>>>,
+    /// Workers a rebuild had to leave out, and when: not taken in again for [`SHUN_FOR`].
+    shunned: HashMap<String, tokio::time::Instant>,
     /// What the rebuild is doing (`SchedulerStats::recovering`).
     recovering: Arc<Mutex<Option<String>>>,
     /// A worker to take in once no frame is in flight.
@@ -468,7 +475,8 @@ impl Core {
                     }
                     Some(Msg::Newcomer(addr)) => {
                         let known = self.pipeline.stages.iter().any(|(w, _)| w.addr == addr);
-                        if !known && !rebuilding && self.draining.is_none() {
+                        let shunned = self.shunned.get(&addr).is_some_and(|t| t.elapsed() < SHUN_FOR);
+                        if !known && !shunned && !rebuilding && self.draining.is_none() {
                             tracing::info!(%addr, "a worker joined: taking it in at the next safe point");
                             self.draining = Some(addr);
                         }
@@ -502,6 +510,8 @@ impl Core {
     /// Pauses every sequence: drops the stream (frames in flight are lost) and sets each
     /// started sequence to replay what it sent on the next pipeline.
     fn pause(&mut self) {
+        // The rebuild looks at every candidate: a newcomer waiting for a safe point is in it.
+        self.draining = None;
         self.stream = None;
         for g in &mut self.groups {
             g.busy = false;
@@ -545,7 +555,7 @@ impl Core {
 
     /// Takes the rebuilt pipeline (sequences replay from the next frame on), or fails the
     /// paused sequences with why there is none.
-    async fn resume(&mut self, r: Result<Pipeline>) {
+    async fn resume(&mut self, r: Result<Rebuilt>) {
         *self.recovering.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let rec = self.recovery.clone();
         let set_state = |m: &str| {
@@ -554,7 +564,13 @@ impl Core {
             }
         };
         let p = match r {
-            Ok(p) => p,
+            Ok((p, left_out)) => {
+                let now = tokio::time::Instant::now();
+                for a in left_out {
+                    self.shunned.insert(a, now);
+                }
+                p
+            }
             Err(e) => {
                 set_state("serving (the last recovery failed)");
                 self.paused_at = None;
@@ -851,6 +867,8 @@ impl Core {
     async fn fail_all(&mut self, e: Error) {
         tracing::warn!("pipeline step failed: {e}");
         self.paused_at = None;
+        // The next request starts afresh: a failure on it may recover again.
+        self.no_progress = 0;
         let msg = match e {
             Error::Stage(m) => m,
             e => e.to_string(),
@@ -940,7 +958,7 @@ async fn watch_newcomers(rec: Arc<Recovery>, stages: Arc<Mutex<Vec<String>>>, tx
 }
 
 /// The rebuild's outcome, once it is there.
-async fn rebuilt(r: Option<&mut oneshot::Receiver<Result<Pipeline>>>) -> Result<Pipeline> {
+async fn rebuilt(r: Option<&mut oneshot::Receiver<Result<Rebuilt>>>) -> Result<Rebuilt> {
     match r {
         None => std::future::pending().await,
         Some(r) => r.await.unwrap_or_else(|_| Err(Error::Stage("the recovery task ended without an answer".into()))),
@@ -951,6 +969,9 @@ async fn rebuilt(r: Option<&mut oneshot::Receiver<Result<Pipeline>>>) -> Result<
 /// (which also carries every stage's errors), bounded by [`STEP_TIMEOUT`].
 async fn next_result(st: Option<&mut Stream>) -> Result<v1::ForwardResult> {
     let Some(st) = st else { return std::future::pending().await };
+    // From when the oldest frame in flight was sent, not from this call: the loop calls
+    // again after every message (a /health poll), which must not restart the clock.
+    let deadline = st.pending.front().map_or_else(tokio::time::Instant::now, |f| f.sent_at) + STEP_TIMEOUT;
     let first = st.first.clone();
     let from_first = |m: std::result::Result<Option<v1::ForwardResult>, tonic::Status>| match m {
         Err(s) => Err(stage_err(&first, s)),
@@ -958,12 +979,12 @@ async fn next_result(st: Option<&mut Stream>) -> Result<v1::ForwardResult> {
         Ok(Some(r)) => Ok(r),
     };
     let Some((last, direct)) = st.direct.as_mut() else {
-        return match tokio::time::timeout(STEP_TIMEOUT, st.results.message()).await {
+        return match tokio::time::timeout_at(deadline, st.results.message()).await {
             Err(_) => Err(Error::Timeout(STEP_TIMEOUT)),
             Ok(m) => from_first(m),
         };
     };
-    let r = tokio::time::timeout(STEP_TIMEOUT, async {
+    let r = tokio::time::timeout_at(deadline, async {
         tokio::select! {
             m = st.results.message() => from_first(m),
             m = direct.message() => match m {
