@@ -11,7 +11,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use common::{Procs, post_stream, start_etcd, status_json};
@@ -60,12 +60,7 @@ fn run_all(api: &str, after: usize, during: impl FnOnce()) -> Vec<Streamed> {
             std::thread::spawn(move || post_stream(&api, "/v1/completions", &b, &seen))
         })
         .collect();
-    let t0 = Instant::now();
-    while seen.load(Ordering::Relaxed) < after {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no tokens came");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    during();
+    common::once_seen(&seen, after, during);
     handles
         .into_iter()
         .enumerate()
@@ -200,16 +195,13 @@ fn a_worker_killed_mid_generation_loses_no_request_and_changes_no_token() {
             std::thread::spawn(move || common::post_stream_with_comments(&api, "/v1/completions", &b, &seen))
         })
         .collect();
-    let t0 = Instant::now();
-    while seen.load(Ordering::Relaxed) < 4 * 6 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no tokens came");
-        std::thread::sleep(Duration::from_millis(5));
-    }
     // procs.0[0] is the coordinator; every other child is a worker.
-    for p in procs.0.iter_mut().skip(1) {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    common::once_seen(&seen, 4 * 6, || {
+        for p in procs.0.iter_mut().skip(1) {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    });
     let t0 = Instant::now();
     loop {
         let health = get(&api, "/health");

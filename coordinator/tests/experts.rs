@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{Procs, SHOAL};
 
@@ -18,19 +18,7 @@ fn fixtures_dir() -> PathBuf {
 
 /// `shoal worker` on loopback serving the fixtures directory; returns its address.
 fn worker(procs: &mut Procs) -> String {
-    let mut child = Command::new(SHOAL)
-        .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-parent", "--models-dir"])
-        .arg(fixtures_dir())
-        .env_remove("SHOAL_TLS_DIR")
-        .env_remove("SHOAL_JOIN_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    procs.0.push(child);
-    let line = common::first_line(out);
-    line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("worker said {line:?}")).to_string()
+    common::worker_in(procs, &fixtures_dir(), "127.0.0.1:0", &[])
 }
 
 fn run(model: &str, extra: &[&str]) -> std::process::Output {

@@ -539,7 +539,7 @@ fn serve_in(c: &mut Cluster) -> String {
 /// two events of one stream.
 fn completions(c: &Cluster, api: &str, n: usize, after: usize, during: impl FnOnce()) -> (Vec<String>, Duration) {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     let seen = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..n)
         .map(|i| {
@@ -548,12 +548,7 @@ fn completions(c: &Cluster, api: &str, n: usize, after: usize, during: impl FnOn
             std::thread::spawn(move || netns::within(&ns, move || common::post_stream(&api, "/v1/completions", &body, &seen)))
         })
         .collect();
-    let t0 = Instant::now();
-    while seen.load(Ordering::Relaxed) < after {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no tokens came");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    during();
+    common::once_seen(&seen, after, during);
     let mut longest = Duration::ZERO;
     let texts = handles
         .into_iter()

@@ -70,12 +70,11 @@ struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     quant: Vec<u8>,
-    /// Routed experts: router logits, the chosen (expert, weight) per token and slot, the
-    /// tokens gathered for one expert, and each (token, slot)'s expert output.
+    /// Routed experts: router logits, the chosen (expert, weight) per token and slot, and
+    /// [`run_experts`]'s buffers.
     router: Vec<f32>,
     chosen: Vec<(usize, f32)>,
-    gathered: Vec<f32>,
-    expert_out: Vec<f32>,
+    experts: ExpertScratch,
     /// One head's vector while it is QK-normalized.
     head: Vec<f32>,
     /// Tokens routed to each expert so far, over all layers (load balance).
@@ -440,16 +439,7 @@ fn moe_ffn(
     match remote {
         Some(r) => r.run(layer, &s.xn[..n * e], n, &s.chosen, tmp),
         None => {
-            let mut buf = ExpertScratch::default();
-            std::mem::swap(&mut buf.gate, &mut s.gate);
-            std::mem::swap(&mut buf.up, &mut s.up);
-            std::mem::swap(&mut buf.quant, &mut s.quant);
-            run_experts(pool, w, lw, moe, &s.xn[..n * e], n, &s.chosen, tmp, &mut buf);
-            std::mem::swap(&mut buf.gate, &mut s.gate);
-            std::mem::swap(&mut buf.up, &mut s.up);
-            std::mem::swap(&mut buf.quant, &mut s.quant);
-            s.gathered = std::mem::take(&mut buf.gathered);
-            s.expert_out = std::mem::take(&mut buf.expert_out);
+            run_experts(pool, w, lw, moe, &s.xn[..n * e], n, &s.chosen, tmp, &mut s.experts);
             Ok(())
         }
     }
@@ -458,6 +448,8 @@ fn moe_ffn(
 /// Buffers of [`run_experts`], reused across calls.
 #[derive(Debug, Default)]
 pub struct ExpertScratch {
+    /// Indices into `chosen`, grouped by expert.
+    by_expert: Vec<usize>,
     gathered: Vec<f32>,
     expert_out: Vec<f32>,
     gate: Vec<f32>,
@@ -487,15 +479,12 @@ pub fn run_experts(
     let e = w.config.n_embd;
     let ff = lw.w_gate.rows / ne;
     let ys = grow(&mut s.expert_out, n * k * e);
-    let mut routed: Vec<usize> = Vec::new();
-    for x in 0..ne {
-        // The (token, slot) pairs routed to expert x, as indices into `chosen`.
-        routed.clear();
-        routed.extend(chosen.iter().enumerate().filter(|(_, c)| c.0 == x).map(|(i, _)| i));
-        let m = routed.len();
-        if m == 0 {
-            continue;
-        }
+    // The (token, slot) pairs grouped by expert, once for the whole layer.
+    s.by_expert.clear();
+    s.by_expert.extend(0..chosen.len());
+    s.by_expert.sort_by_key(|&i| chosen[i].0);
+    for routed in s.by_expert.chunk_by(|&a, &b| chosen[a].0 == chosen[b].0) {
+        let (x, m) = (chosen[routed[0]].0, routed.len());
         let xs = grow(&mut s.gathered, m * e);
         for (r, &i) in routed.iter().enumerate() {
             let t = i / k;

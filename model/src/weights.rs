@@ -51,11 +51,6 @@ impl Matrix {
         let len = self.len / n_expert;
         Matrix { ty: self.ty, rows, cols: self.cols, start: self.start + e * len, len }
     }
-
-    /// Bytes of the matrix in the file.
-    pub fn bytes(&self) -> usize {
-        self.len
-    }
 }
 
 /// The router of a layer with routed experts; the experts themselves are the layer's

@@ -146,14 +146,7 @@ impl Inner {
                 return Err(Error::InvalidFrame("an expert host of no layers".into()));
             }
             let weights = Arc::new(Weights::load(file, spec)?);
-            let c = &weights.config;
-            let reply = v1::LoadShardReply {
-                model_hash: have,
-                n_layer: c.n_layer as u32,
-                n_embd: c.n_embd as u32,
-                n_vocab: c.n_vocab as u32,
-                shard_bytes: weights.bytes_per_step(),
-            };
+            let reply = load_reply(have, &weights);
             let host = crate::experts::ExpertHost::new(weights, n_threads)?;
             tracing::info!(layers = ?host.layers(), "serving routed experts");
             *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -180,13 +173,7 @@ impl Inner {
                 tokio::runtime::Handle::try_current().map_err(|e| Error::InvalidFrame(e.to_string()))?,
             ))),
         };
-        let reply = v1::LoadShardReply {
-            model_hash: have,
-            n_layer: c.n_layer as u32,
-            n_embd: c.n_embd as u32,
-            n_vocab: c.n_vocab as u32,
-            shard_bytes: weights.bytes_per_step(),
-        };
+        let reply = load_reply(have, &weights);
         let loaded = Loaded {
             n_embd: c.n_embd,
             embed: r.embed,
@@ -239,6 +226,18 @@ impl Inner {
 
 /// Longest Stats waits for the next stage's Health.
 pub const NEXT_STAGE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What `LoadShard` answers for `weights` loaded from a file of identity `have`.
+fn load_reply(have: String, weights: &Weights) -> v1::LoadShardReply {
+    let c = &weights.config;
+    v1::LoadShardReply {
+        model_hash: have,
+        n_layer: c.n_layer as u32,
+        n_embd: c.n_embd as u32,
+        n_vocab: c.n_vocab as u32,
+        shard_bytes: weights.bytes_per_step(),
+    }
+}
 
 pub(crate) fn codec_of(d: i32) -> Result<Codec> {
     match v1::ActivationDtype::try_from(d) {

@@ -534,21 +534,18 @@ impl Core {
         self.no_progress += 1;
         self.stats.recoveries += 1;
         let old = self.pipeline.clone();
-        let status = Arc::clone(&self.recovering);
+        let (status, registry) = (Arc::clone(&self.recovering), rec.registry.clone());
         let say = move |m: String| {
             tracing::info!("{m}");
-            if let Some(reg) = &rec.registry {
+            if let Some(reg) = &registry {
                 reg.set_state(&m);
             }
             *status.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
         };
         say(format!("recovering: {why}"));
-        let rec = self.recovery.clone();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let Some(rec) = rec else { return };
-            let r = rec.rebuild(&old, &say).await;
-            let _ = tx.send(r);
+            let _ = tx.send(rec.rebuild(&old, &say).await);
         });
         self.rebuild = Some(rx);
     }

@@ -90,9 +90,14 @@ pub fn first_line(out: ChildStdout) -> String {
 /// with the test, without inheriting `SHOAL_TLS_DIR`/`SHOAL_JOIN_TOKEN`; returns the address
 /// it printed.
 pub fn worker(procs: &mut Procs, listen: &str, extra: &[&str]) -> String {
+    worker_in(procs, &models_dir(), listen, extra)
+}
+
+/// [`worker`] serving the models in `dir`.
+pub fn worker_in(procs: &mut Procs, dir: &std::path::Path, listen: &str, extra: &[&str]) -> String {
     let mut child = Command::new(SHOAL)
         .args(["worker", "--listen", listen, "--exit-with-parent", "--models-dir"])
-        .arg(models_dir())
+        .arg(dir)
         .args(extra)
         .env_remove("SHOAL_TLS_DIR")
         .env_remove("SHOAL_JOIN_TOKEN")
@@ -192,6 +197,17 @@ pub fn start_etcd(data: &std::path::Path) -> Etcd {
     }
 }
 
+
+/// Waits until `seen` reaches `after` (failing after 120 s: no tokens came), then runs
+/// `during`: what a test does to a cluster while its streams are under way.
+pub fn once_seen(seen: &std::sync::atomic::AtomicUsize, after: usize, during: impl FnOnce()) {
+    let t0 = Instant::now();
+    while seen.load(std::sync::atomic::Ordering::Relaxed) < after {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no tokens came");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    during();
+}
 
 /// One HTTP/1.0 POST on a fresh connection; returns (status, headers + body text).
 pub fn post(base: &str, path: &str, body: &str) -> (u16, String) {
