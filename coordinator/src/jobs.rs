@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -190,9 +191,10 @@ fn safe_id(id: &str) -> bool {
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsynced, renamed over it.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    // `ID.json.tmp`, `ID.data.tmp`: never the temp file of a sibling.
+    // `ID.json.N.tmp`: never the temp file of a sibling, nor of another write of the same file.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}.tmp", NEXT.fetch_add(1, Ordering::Relaxed)));
     let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
@@ -288,6 +290,11 @@ impl Jobs {
             let d = dir.join(sub);
             for e in fs::read_dir(&d).map_err(io(&d))? {
                 let p = e.map_err(io(&d))?.path();
+                if p.extension().is_some_and(|x| x == "tmp") {
+                    // A write cut short by a crash; the file it was replacing is intact.
+                    let _ = fs::remove_file(&p);
+                    continue;
+                }
                 if p.extension().is_none_or(|x| x != "json") {
                     continue;
                 }
@@ -450,18 +457,20 @@ impl Jobs {
 
     /// Asks a batch to stop: `cancelling` until its running lines end, then `cancelled`.
     fn cancel(&self, id: &str) -> Result<Option<Batch>, Error> {
+        // Saved under the lock, so a concurrent `finalize` sees either state, never half.
         let mut st = self.state();
-        let Some(b) = st.batches.get_mut(id) else { return Ok(None) };
-        if b.status == "in_progress" {
-            b.status = "cancelling".into();
-            b.cancelling_at = Some(now());
-            let b = b.clone();
-            drop(st);
-            self.save_batch(&b)?;
-            self.wake.notify_one();
-            return Ok(Some(b));
+        let Some(b) = st.batches.get(id) else { return Ok(None) };
+        if b.status != "in_progress" {
+            return Ok(Some(b.clone()));
         }
-        Ok(Some(b.clone()))
+        let mut b = b.clone();
+        b.status = "cancelling".into();
+        b.cancelling_at = Some(now());
+        self.save_batch(&b)?;
+        st.batches.insert(id.into(), b.clone());
+        drop(st);
+        self.wake.notify_one();
+        Ok(Some(b))
     }
 
     /// Appends a line's record to its batch's journal (fsynced) and counts it.
@@ -491,14 +500,17 @@ impl Jobs {
     /// Ends a batch whose lines all have records (or that was cancelled): writes the output
     /// and error files from its journal and saves its final status.
     fn finalize(&self, id: &str) -> Result<(), Error> {
-        let Some(mut b) = self.batch(id) else { return Ok(()) };
+        let mut st = self.state();
+        let Some(mut b) = st.batches.get(id).cloned() else { return Ok(()) };
         let cancelled = b.status == "cancelling";
         if !cancelled {
+            // Under the lock: a cancel now finds `finalizing` and leaves it be.
             b.status = "finalizing".into();
             b.finalizing_at = Some(now());
             self.save_batch(&b)?;
-            self.state().batches.insert(id.into(), b.clone());
+            st.batches.insert(id.into(), b.clone());
         }
+        drop(st);
         let mut records = read_results(&self.results_path(id), true)?;
         records.sort_by_key(|r| r["line"].as_u64().unwrap_or(u64::MAX));
         records.dedup_by_key(|r| r["line"].as_u64());
@@ -532,13 +544,13 @@ impl Jobs {
 
     /// Ends a running batch as `failed` with `why`.
     fn fail(&self, id: &str, why: &str) -> Result<(), Error> {
-        let Some(mut b) = self.batch(id) else { return Ok(()) };
+        let mut st = self.state();
+        let Some(mut b) = st.batches.get(id).cloned() else { return Ok(()) };
         tracing::error!("batch {id}: {why}");
         b.status = "failed".into();
         b.failed_at = Some(now());
         b.errors = Some(json!({"object": "list", "data": [{"code": "batch_failed", "message": why, "param": null, "line": null}]}));
         self.save_batch(&b)?;
-        let mut st = self.state();
         st.done.remove(id);
         st.batches.insert(id.into(), b);
         Ok(())
@@ -970,6 +982,33 @@ mod tests {
         let empty = jobs.add_file("empty.jsonl", "batch", b"\n\n").unwrap();
         assert_eq!(jobs.create(&empty, "/v1/completions", "24h", None).unwrap().status, "failed");
         assert!(!safe_id("../x") && !safe_id("") && safe_id("file-00ab"));
+        drop(jobs);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cancel_racing_the_last_record_ends_the_batch_once_on_disk_and_in_memory() {
+        let dir = temp("race");
+        let jobs = Arc::new(Jobs::open(&dir).unwrap());
+        let f = jobs.add_file("in.jsonl", "batch", line("a", "/v1/completions").as_bytes()).unwrap();
+        for _ in 0..40 {
+            let b = jobs.create(&f, "/v1/completions", "24h", None).unwrap();
+            jobs.record(&b.id, 0, true, json!({"custom_id": "a"})).unwrap();
+            let (j, id) = (jobs.clone(), b.id.clone());
+            let canceller = std::thread::spawn(move || j.cancel(&id).map(|b| b.map(|b| b.status)));
+            jobs.finalize(&b.id).unwrap();
+            let seen = canceller.join().unwrap().expect("a cancel racing finalize is not a server error");
+            let seen = seen.unwrap();
+            assert!(["cancelling", "finalizing", "completed"].contains(&seen.as_str()), "{seen}");
+            let mem = jobs.batch(&b.id).unwrap();
+            // A cancel that landed first leaves the batch cancelled; otherwise it completes.
+            let want = if seen == "cancelling" { "cancelled" } else { "completed" };
+            assert_eq!(mem.status, want);
+            let disk = read_dir_batches(&dir).unwrap().into_iter().find(|d| d.id == b.id).unwrap();
+            assert_eq!(disk.status, mem.status, "disk and memory agree");
+        }
+        let stray: Vec<_> = fs::read_dir(dir.join("batches")).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "tmp")).collect();
+        assert!(stray.is_empty(), "no temp file is left behind");
         drop(jobs);
         let _ = fs::remove_dir_all(&dir);
     }
