@@ -39,6 +39,9 @@ pub enum Error {
     /// The expert host that runs this shard's routed experts failed or cannot be reached.
     #[error("expert host {addr}: {msg}")]
     ExpertHost { addr: String, msg: String },
+    /// A rank of this stage's tensor-parallel group failed or cannot be reached.
+    #[error("tensor-parallel group: {0}")]
+    Collective(String),
 }
 
 impl Error {
@@ -46,7 +49,7 @@ impl Error {
     /// a decision.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io { .. } | Error::ExpertHost { .. } => true,
+            Error::Io { .. } | Error::ExpertHost { .. } | Error::Collective(_) => true,
             Error::ContextFull { .. } => false,
             Error::Gguf { .. }
             | Error::MissingMetadata(_)

@@ -12,6 +12,7 @@
 //! This module must not know about the network: the worker wires it to gRPC.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use half::f16;
@@ -21,6 +22,7 @@ use shoal_kernels::ops::{RopeCache, add_bias_rows, add_inplace, rms_norm, swiglu
 use shoal_kernels::ThreadPool;
 
 use crate::arch::RopeKind;
+use crate::tp::{self, Collective, Op, OwnedInput, TpMode};
 use crate::weights::{LayerWeights, Matrix, MoeWeights, Weights};
 use crate::{Error, Result};
 
@@ -77,6 +79,9 @@ struct Scratch {
     experts: ExpertScratch,
     /// One head's vector while it is QK-normalized.
     head: Vec<f32>,
+    /// Exact tensor parallelism: a gathered activation, and this rank's rows of an output.
+    gather: Vec<f32>,
+    part: Vec<f32>,
     /// Tokens routed to each expert so far, over all layers (load balance).
     expert_tokens: Vec<u64>,
 }
@@ -99,6 +104,10 @@ pub struct ShardExecutor {
     s: Scratch,
     /// Where the routed experts run when not here ([`ShardExecutor::set_remote_experts`]).
     remote: Option<Box<dyn RemoteExperts>>,
+    /// The other ranks of this stage's tensor-parallel group ([`ShardExecutor::set_group`]).
+    group: Option<Box<dyn Collective>>,
+    /// Leader: sequence bookkeeping the other ranks get with the next step.
+    pending: Vec<u8>,
 }
 
 impl std::fmt::Debug for ShardExecutor {
@@ -131,6 +140,58 @@ impl ShardExecutor {
             seqs: HashMap::new(),
             s: Scratch::default(),
             remote: None,
+            group: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Joins this executor (holding its rank's slice, [`Weights::load_tp`]) to its
+    /// tensor-parallel group. The leader (rank 0) is then driven as usual and drives the
+    /// others, which run [`ShardExecutor::follow`].
+    pub fn set_group(&mut self, group: Box<dyn Collective>) -> Result<()> {
+        let t = self.weights.tp.as_ref().map_or((0, 1), |t| (t.rank, t.size));
+        if (group.rank(), group.size()) != t {
+            return Err(Error::InvalidRequest(format!(
+                "rank {} of a group of {} for weights sliced as rank {} of {}",
+                group.rank(),
+                group.size(),
+                t.0,
+                t.1
+            )));
+        }
+        if self.remote.is_some() {
+            return Err(Error::InvalidRequest("a tensor-parallel stage runs its experts itself".into()));
+        }
+        self.group = Some(group);
+        Ok(())
+    }
+
+    fn is_leader(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.rank() == 0 && g.size() > 1)
+    }
+
+    /// A non-leader rank: runs what the leader broadcasts, step by step, until the leader
+    /// ends the group (`Ok`) or the group fails (`Err`).
+    pub fn follow(&mut self) -> Result<()> {
+        if self.group.as_ref().is_none_or(|g| g.rank() == 0) {
+            return Err(Error::InvalidRequest("only a non-leader rank follows".into()));
+        }
+        let mut msg = Vec::new();
+        loop {
+            self.group.as_mut().expect("checked").broadcast(&mut msg)?;
+            for op in tp::decode(&msg)? {
+                match op {
+                    Op::Add(seq) => self.add_sequence(seq),
+                    Op::Release(seq) => {
+                        self.release(seq);
+                    }
+                    Op::Truncate(seq, n) => self.truncate(seq, n)?,
+                    Op::Forward(chunks, input) => {
+                        self.compute(&chunks, input.as_input())?;
+                    }
+                    Op::Stop => return Ok(()),
+                }
+            }
         }
     }
 
@@ -165,12 +226,18 @@ impl ShardExecutor {
 
     /// Starts an empty sequence. Starting a known sequence resets it.
     pub fn add_sequence(&mut self, seq: u64) {
+        if self.is_leader() {
+            tp::encode(&Op::Add(seq), &mut self.pending);
+        }
         let n = self.weights.layers.len();
         self.seqs.insert(seq, SeqCache { n_past: 0, k: vec![Vec::new(); n], v: vec![Vec::new(); n] });
     }
 
     /// Drops a sequence and its KV cache. Returns whether it existed.
     pub fn release(&mut self, seq: u64) -> bool {
+        if self.is_leader() {
+            tp::encode(&Op::Release(seq), &mut self.pending);
+        }
         self.seqs.remove(&seq).is_some()
     }
 
@@ -181,7 +248,13 @@ impl ShardExecutor {
 
     /// Forgets positions `n..` of a sequence (to re-run or roll back).
     pub fn truncate(&mut self, seq: u64, n: usize) -> Result<()> {
-        let kv = self.weights.config.kv_dim();
+        let kv = self.weights.local_dims().1 * self.weights.config.head_dim;
+        if !self.seqs.contains_key(&seq) {
+            return Err(Error::UnknownSequence(seq));
+        }
+        if self.is_leader() {
+            tp::encode(&Op::Truncate(seq, n), &mut self.pending);
+        }
         let c = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
         if n < c.n_past {
             c.n_past = n;
@@ -205,9 +278,27 @@ impl ShardExecutor {
 
     /// Runs one step. See the module docs for the shapes.
     pub fn forward(&mut self, chunks: &[SeqChunk], input: StageInput<'_>) -> Result<StageOutput> {
+        self.check_chunks(chunks)?;
+        if self.is_leader() {
+            // The other ranks get the step (and the bookkeeping since the last one) first.
+            let input = match input {
+                StageInput::Tokens(t) => OwnedInput::Tokens(t.to_vec()),
+                StageInput::Hidden(h) => OwnedInput::Hidden(h.to_vec()),
+            };
+            let mut msg = std::mem::take(&mut self.pending);
+            tp::encode(&Op::Forward(chunks.to_vec(), input), &mut msg);
+            self.group.as_mut().expect("leader").broadcast(&mut msg)?;
+        }
+        self.compute(chunks, input)
+    }
+
+    /// [`Self::forward`] on this rank alone (a leader has broadcast the step already).
+    fn compute(&mut self, chunks: &[SeqChunk], input: StageInput<'_>) -> Result<StageOutput> {
         let w = Arc::clone(&self.weights);
         let c = &w.config;
-        let (e, qd, kvd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+        let (n_head, n_head_kv, ff, experts) = w.local_dims();
+        let exact = w.tp.as_ref().filter(|t| t.mode == TpMode::Exact);
+        let (e, qd, kvd) = (c.n_embd, n_head * c.head_dim, n_head_kv * c.head_dim);
         let n: usize = chunks.iter().map(|ch| ch.n_tokens).sum();
         self.check_chunks(chunks)?;
 
@@ -289,8 +380,8 @@ impl ShardExecutor {
                 for j in 0..nt {
                     let t = t0 + j;
                     let pos = cache.n_past + j;
-                    self.rope.rope(&mut s.q[t * qd..(t + 1) * qd], c.n_head, c.head_dim, pos, neox);
-                    self.rope.rope(&mut s.k[t * kvd..(t + 1) * kvd], c.n_head_kv, c.head_dim, pos, neox);
+                    self.rope.rope(&mut s.q[t * qd..(t + 1) * qd], n_head, c.head_dim, pos, neox);
+                    self.rope.rope(&mut s.k[t * kvd..(t + 1) * kvd], n_head_kv, c.head_dim, pos, neox);
                 }
                 for (cache_l, src) in [(&mut cache.k[li], &s.k), (&mut cache.v[li], &s.v)] {
                     let old = cache_l.len();
@@ -300,12 +391,16 @@ impl ShardExecutor {
                 let shape = AttnShape {
                     n_tok: nt,
                     n_past: cache.n_past,
-                    n_head: c.n_head,
-                    n_kv_head: c.n_head_kv,
+                    n_head,
+                    n_kv_head: n_head_kv,
                     head_dim: c.head_dim,
                     scale,
                 };
                 let (q_rows, out_rows) = (t0 * qd..(t0 + nt) * qd, t0 * qd..(t0 + nt) * qd);
+                t0 += nt;
+                if n_head == 0 {
+                    continue; // a rank of a group with fewer KV heads than ranks
+                }
                 attention_with(
                     self.attn,
                     &self.pool,
@@ -315,11 +410,24 @@ impl ShardExecutor {
                     &shape,
                     &mut att[out_rows],
                 );
-                t0 += nt;
             }
             // att: (n, qd) · wo: (e, qd) -> tmp: (n, e); x += tmp
             let tmp = grow(&mut s.tmp, n * e);
-            mm(&self.pool, &w, &lw.wo, &s.att[..n * qd], n, tmp, &mut s.quant);
+            match (exact, self.group.as_mut()) {
+                (Some(t), Some(g)) => {
+                    // Every rank gets all heads' output, then computes its rows of wo.
+                    let q0 = t.heads(c).start * c.head_dim;
+                    gather_cols(&s.att[..n * qd], n, q0, c.q_dim(), &mut s.gather, g.as_mut())?;
+                    let full = &s.gather[..n * c.q_dim()];
+                    rows_out(&self.pool, &w, &lw.wo, full, n, t.rows.clone(), e, &mut s.tmp, &mut s.part, &mut s.quant, g.as_mut())?;
+                }
+                (_, group) => {
+                    mm(&self.pool, &w, &lw.wo, &s.att[..n * qd], n, tmp, &mut s.quant);
+                    if let Some(g) = group {
+                        g.all_reduce(&mut s.tmp[..n * e])?;
+                    }
+                }
+            }
             add_inplace(&mut s.x[..n * e], &s.tmp[..n * e]);
 
             // Feed-forward block: x += down(silu(gate(xn)) * up(xn)).
@@ -335,11 +443,28 @@ impl ShardExecutor {
                     let up = grow(&mut s.up, n * ff);
                     mm(&self.pool, &w, &lw.w_up, &s.xn[..n * e], n, up, &mut s.quant);
                     swiglu_inplace(&mut s.gate[..n * ff], &s.up[..n * ff]);
-                    mm(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, tmp, &mut s.quant);
+                    match (exact, self.group.as_mut()) {
+                        (Some(t), Some(g)) => {
+                            let full_ff = c.n_ff;
+                            gather_cols(&s.gate[..n * ff], n, t.ff.start, full_ff, &mut s.gather, g.as_mut())?;
+                            let full = &s.gather[..n * full_ff];
+                            rows_out(&self.pool, &w, &lw.w_down, full, n, t.rows.clone(), e, &mut s.tmp, &mut s.part, &mut s.quant, g.as_mut())?;
+                        }
+                        (_, group) => {
+                            mm(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, tmp, &mut s.quant);
+                            if let Some(g) = group {
+                                g.all_reduce(&mut s.tmp[..n * e])?;
+                            }
+                        }
+                    }
                 }
                 Some(moe) => {
                     let layer = w.spec.layers.start + li;
-                    moe_ffn(&self.pool, &w, layer, lw, moe, n, s, self.remote.as_mut())?;
+                    let group: Option<(&mut dyn Collective, bool)> = match self.group.as_mut() {
+                        Some(g) => Some((&mut **g, exact.is_some())),
+                        None => None,
+                    };
+                    moe_ffn(&self.pool, &w, layer, lw, moe, n, s, self.remote.as_mut(), experts.clone(), group)?;
                 }
             }
             add_inplace(&mut s.x[..n * e], &s.tmp[..n * e]);
@@ -409,6 +534,8 @@ fn moe_ffn(
     n: usize,
     s: &mut Scratch,
     remote: Option<&mut Box<dyn RemoteExperts>>,
+    owned: Range<usize>,
+    group: Option<(&mut dyn Collective, bool)>,
 ) -> Result<()> {
     let (ne, k) = (moe.n_expert, moe.n_used);
     let e = w.config.n_embd;
@@ -439,7 +566,22 @@ fn moe_ffn(
     match remote {
         Some(r) => r.run(layer, &s.xn[..n * e], n, &s.chosen, tmp),
         None => {
-            run_experts(pool, w, lw, moe, &s.xn[..n * e], n, &s.chosen, tmp, &mut s.experts);
+            expert_outputs(pool, w, lw, moe, &s.xn[..n * e], n, &s.chosen, owned, &mut s.experts);
+            let ys = &mut s.experts.expert_out[..n * k * e];
+            match group {
+                // Exact: each (token, slot) output comes from one rank (the others hold
+                // zeros), so the sum gathers them bit for bit and every rank combines them in
+                // rank order as one executor would.
+                Some((g, true)) => {
+                    g.all_reduce(ys)?;
+                    combine(&s.chosen, k, e, n, ys, tmp);
+                }
+                Some((g, false)) => {
+                    combine(&s.chosen, k, e, n, ys, tmp);
+                    g.all_reduce(tmp)?;
+                }
+                None => combine(&s.chosen, k, e, n, ys, tmp),
+            }
             Ok(())
         }
     }
@@ -462,7 +604,8 @@ pub struct ExpertScratch {
 /// once for all the tokens routed to it (grouped across the batch, so an expert's weights are
 /// read once per step and unchosen experts not at all), and each token's output row in `out`
 /// is `w_0·y_0 + w_1·y_1 + ...` in rank order. The same code runs in a stage and on an
-/// expert host, so where experts live changes no bit.
+/// expert host, so where experts live changes no bit. Only the experts in `owned` run (a
+/// tensor-parallel rank's share); the others' terms are left out of the sums.
 #[allow(clippy::too_many_arguments)]
 pub fn run_experts(
     pool: &ThreadPool,
@@ -475,13 +618,36 @@ pub fn run_experts(
     out: &mut [f32],
     s: &mut ExpertScratch,
 ) {
+    expert_outputs(pool, w, lw, moe, xn, n, chosen, 0..moe.n_expert, s);
+    let (k, e) = (moe.n_used, w.config.n_embd);
+    combine(chosen, k, e, n, &s.expert_out[..n * k * e], out);
+}
+
+/// Each `(token, slot)` pair's expert output, unweighted, in `s.expert_out` (`(n * n_used,
+/// n_embd)`), computed for the experts in `owned` (grouped by expert); the other pairs' rows
+/// are zero.
+#[allow(clippy::too_many_arguments)]
+fn expert_outputs(
+    pool: &ThreadPool,
+    w: &Weights,
+    lw: &LayerWeights,
+    moe: &MoeWeights,
+    xn: &[f32],
+    n: usize,
+    chosen: &[(usize, f32)],
+    owned: Range<usize>,
+    s: &mut ExpertScratch,
+) {
     let (ne, k) = (moe.n_expert, moe.n_used);
     let e = w.config.n_embd;
     let ff = lw.w_gate.rows / ne;
     let ys = grow(&mut s.expert_out, n * k * e);
+    if owned.len() < ne {
+        ys.fill(0.0);
+    }
     // The (token, slot) pairs grouped by expert, once for the whole layer.
     s.by_expert.clear();
-    s.by_expert.extend(0..chosen.len());
+    s.by_expert.extend((0..chosen.len()).filter(|&i| owned.contains(&chosen[i].0)));
     s.by_expert.sort_by_key(|&i| chosen[i].0);
     for routed in s.by_expert.chunk_by(|&a, &b| chosen[a].0 == chosen[b].0) {
         let (x, m) = (chosen[routed[0]].0, routed.len());
@@ -501,6 +667,10 @@ pub fn run_experts(
             ys[i * e..(i + 1) * e].copy_from_slice(&y[r * e..(r + 1) * e]);
         }
     }
+}
+
+/// Each token's output row `w_0·y_0 + w_1·y_1 + ...`, in rank order.
+fn combine(chosen: &[(usize, f32)], k: usize, e: usize, n: usize, ys: &[f32], out: &mut [f32]) {
     for t in 0..n {
         let dst = &mut out[t * e..(t + 1) * e];
         for slot in 0..k {
@@ -513,6 +683,41 @@ pub fn run_experts(
             }
         }
     }
+}
+
+/// Exact tensor parallelism: this rank's columns `local` (`(n, local_width)`, starting at
+/// column `c0`) placed in zeros of width `full` and summed over the group: every rank ends
+/// with the whole `(n, full)` matrix in `gather`, bit for bit.
+fn gather_cols(local: &[f32], n: usize, c0: usize, full: usize, gather: &mut Vec<f32>, g: &mut dyn Collective) -> Result<()> {
+    let width = local.len() / n.max(1);
+    let buf = grow(gather, n * full);
+    buf.fill(0.0);
+    for t in 0..n {
+        buf[t * full + c0..t * full + c0 + width].copy_from_slice(&local[t * width..(t + 1) * width]);
+    }
+    g.all_reduce(buf)
+}
+
+/// Exact tensor parallelism: this rank's rows `rows` of `m · x` (`m` holds just those rows),
+/// gathered over the group into `out` (`(n, width)`).
+#[allow(clippy::too_many_arguments)]
+fn rows_out(
+    pool: &ThreadPool,
+    w: &Weights,
+    m: &Matrix,
+    x: &[f32],
+    n: usize,
+    rows: Range<usize>,
+    width: usize,
+    out: &mut Vec<f32>,
+    part: &mut Vec<f32>,
+    quant: &mut Vec<u8>,
+    g: &mut dyn Collective,
+) -> Result<()> {
+    let r = rows.len();
+    let p = grow(part, n * r);
+    mm(pool, w, m, x, n, p, quant);
+    gather_cols(&part[..n * r], n, rows.start, width, out, g)
 }
 
 /// Softmax of one row in place, as ggml's `soft_max` computes it: the max subtracted, the
@@ -529,5 +734,20 @@ fn softmax_row(row: &mut [f32]) {
 }
 
 fn mm(pool: &ThreadPool, w: &Weights, m: &Matrix, x: &[f32], n: usize, out: &mut [f32], q: &mut Vec<u8>) {
+    if m.cols == 0 || m.rows == 0 {
+        // A tensor-parallel rank with no share of this product.
+        out.fill(0.0);
+        return;
+    }
     matmul(pool, &w.qmatrix(m), x, n, out, q);
+}
+
+impl Drop for ShardExecutor {
+    fn drop(&mut self) {
+        if self.is_leader() {
+            let mut msg = std::mem::take(&mut self.pending);
+            tp::encode(&Op::Stop, &mut msg);
+            let _ = self.group.as_mut().expect("leader").broadcast(&mut msg);
+        }
+    }
 }

@@ -13,5 +13,6 @@ pub mod tokenizer;
 pub mod weights;
 pub mod engine;
 pub mod executor;
+pub mod tp;
 
 pub use error::{Error, Result};

@@ -13,6 +13,7 @@ use shoal_kernels::GgmlType;
 use shoal_kernels::matmul::{QMatrix, dequantize_row};
 
 use crate::arch::Config;
+use crate::tp::{TpMode, TpSlice};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::{Error, Result};
 
@@ -41,6 +42,8 @@ pub struct Matrix {
     pub cols: usize,
     start: usize,
     len: usize,
+    /// In [`Weights`]'s own buffers (a tensor-parallel column slice), not in the file.
+    owned: Option<usize>,
 }
 
 impl Matrix {
@@ -49,7 +52,13 @@ impl Matrix {
     pub fn expert(&self, e: usize, n_expert: usize) -> Matrix {
         let rows = self.rows / n_expert;
         let len = self.len / n_expert;
-        Matrix { ty: self.ty, rows, cols: self.cols, start: self.start + e * len, len }
+        Matrix { ty: self.ty, rows, cols: self.cols, start: self.start + e * len, len, owned: self.owned }
+    }
+
+    /// Rows `r` of this matrix, in place.
+    pub fn rows_range(&self, r: Range<usize>) -> Matrix {
+        let row = if self.rows == 0 { 0 } else { self.len / self.rows };
+        Matrix { rows: r.len(), start: self.start + r.start * row, len: r.len() * row, ..*self }
     }
 }
 
@@ -97,11 +106,26 @@ pub struct Weights {
     pub output: Option<Matrix>,
     /// `layers[i]` is layer `spec.layers.start + i`.
     pub layers: Vec<LayerWeights>,
+    /// The part of each layer this rank holds, in a tensor-parallel group (see [`crate::tp`]).
+    pub tp: Option<TpSlice>,
+    /// Column slices of a tensor-parallel rank (`Matrix::owned` indexes here).
+    owned: Vec<Vec<u8>>,
 }
 
 impl Weights {
     /// Looks up and checks every tensor of `spec` in `file`.
     pub fn load(file: Arc<GgufFile>, spec: ShardSpec) -> Result<Weights> {
+        Weights::load_tp(file, spec, None)
+    }
+
+    /// [`Weights::load`] for rank `rank` of a tensor-parallel group of `size` (`tp`), which
+    /// holds its slice of every layer (see [`crate::tp`]); only rank 0 holds the head.
+    pub fn load_tp(file: Arc<GgufFile>, mut spec: ShardSpec, tp: Option<(usize, usize, TpMode)>) -> Result<Weights> {
+        if let Some((rank, _, _)) = tp
+            && rank != 0
+        {
+            spec.head = false;
+        }
         let config = Config::from_gguf(&file)?;
         if spec.layers.start > spec.layers.end || spec.layers.end > config.n_layer {
             return Err(Error::InvalidRequest(format!(
@@ -119,6 +143,8 @@ impl Weights {
             output_norm: None,
             output: None,
             layers: Vec::new(),
+            tp: None,
+            owned: Vec::new(),
         };
         if spec.embed {
             w.embed = Some(w.matrix("token_embd.weight", e, v)?);
@@ -172,7 +198,86 @@ impl Weights {
             };
             w.layers.push(layer);
         }
+        if let Some((rank, size, mode)) = tp
+            && size > 1
+        {
+            w.slice(rank, size, mode)?;
+        }
         Ok(w)
+    }
+
+    /// Cuts every layer down to rank `rank` of `size`'s part.
+    fn slice(&mut self, rank: usize, size: usize, mode: TpMode) -> Result<()> {
+        let c = self.config.clone();
+        let unit = self.layers.iter().filter(|l| l.moe.is_none()).map(|l| l.w_down.ty.block_size()).max().unwrap_or(1);
+        let t = TpSlice::new(&c, rank, size, mode, unit)?;
+        let hd = c.head_dim;
+        let (q, kv) = (t.heads(&c), t.kv_heads.clone());
+        let (q, kv) = (q.start * hd..q.end * hd, kv.start * hd..kv.end * hd);
+        let mut layers = std::mem::take(&mut self.layers);
+        for l in &mut layers {
+            l.wq = l.wq.rows_range(q.clone());
+            l.wk = l.wk.rows_range(kv.clone());
+            l.wv = l.wv.rows_range(kv.clone());
+            l.wo = match mode {
+                TpMode::Exact => l.wo.rows_range(t.rows.clone()),
+                TpMode::Sum => self.cols(&l.wo, q.clone())?,
+            };
+            for (b, r) in [(&mut l.bq, &q), (&mut l.bk, &kv), (&mut l.bv, &kv)] {
+                if let Some(b) = b {
+                    *b = b[r.clone()].to_vec();
+                }
+            }
+            if l.moe.is_none() {
+                l.w_gate = l.w_gate.rows_range(t.ff.clone());
+                l.w_up = l.w_up.rows_range(t.ff.clone());
+                l.w_down = match mode {
+                    TpMode::Exact => l.w_down.rows_range(t.rows.clone()),
+                    TpMode::Sum => self.cols(&l.w_down, t.ff.clone())?,
+                };
+            }
+        }
+        self.layers = layers;
+        self.tp = Some(t);
+        Ok(())
+    }
+
+    /// Columns `r` of `m` as a matrix of this shard's own: block for block when `r` starts
+    /// and ends on `m`'s quantization blocks, else dequantized to f32.
+    fn cols(&mut self, m: &Matrix, r: Range<usize>) -> Result<Matrix> {
+        let (bs, bb) = (m.ty.block_size(), m.ty.type_size());
+        let src = self.qmatrix(m);
+        let row_bytes = src.row_bytes();
+        let (ty, buf) = if r.start.is_multiple_of(bs) && r.end.is_multiple_of(bs) {
+            let (a, b) = (r.start / bs * bb, r.end / bs * bb);
+            let mut buf = Vec::with_capacity(m.rows * (b - a));
+            for row in 0..m.rows {
+                buf.extend_from_slice(&src.data[row * row_bytes + a..row * row_bytes + b]);
+            }
+            (m.ty, buf)
+        } else {
+            let mut full = vec![0f32; m.cols];
+            let mut buf = Vec::with_capacity(m.rows * r.len() * 4);
+            for row in 0..m.rows {
+                dequantize_row(m.ty, src.row(row), &mut full)?;
+                full[r.clone()].iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+            }
+            (GgmlType::F32, buf)
+        };
+        self.owned.push(buf);
+        let len = self.owned.last().map_or(0, Vec::len);
+        Ok(Matrix { ty, rows: m.rows, cols: r.len(), start: 0, len, owned: Some(self.owned.len() - 1) })
+    }
+
+    /// Query heads, KV heads, dense FFN columns and routed experts this shard computes (all
+    /// of them, outside a tensor-parallel group).
+    pub fn local_dims(&self) -> (usize, usize, usize, Range<usize>) {
+        let c = &self.config;
+        let n_expert = c.moe.map_or(0, |m| m.n_expert);
+        match &self.tp {
+            None => (c.n_head, c.n_head_kv, c.n_ff, 0..n_expert),
+            Some(t) => (t.heads(c).len(), t.kv_heads.len(), t.ff.len(), t.experts.clone()),
+        }
     }
 
     fn info(&self, name: &str) -> Result<&TensorInfo> {
@@ -193,7 +298,7 @@ impl Weights {
             return Err(Error::UnsupportedTensorType { name: name.to_string(), ty: t.ty });
         }
         let start = (self.file.header().data_offset + t.offset) as usize;
-        Ok(Matrix { ty: t.ty, rows, cols, start, len: t.size as usize })
+        Ok(Matrix { ty: t.ty, rows, cols, start, len: t.size as usize, owned: None })
     }
 
     /// A stacked expert tensor of GGUF shape `[cols, rows, n_expert]`, as one matrix of
@@ -208,7 +313,7 @@ impl Weights {
             return Err(Error::UnsupportedTensorType { name: name.to_string(), ty: t.ty });
         }
         let start = (self.file.header().data_offset + t.offset) as usize;
-        Ok(Matrix { ty: t.ty, rows: rows * n_expert, cols, start, len: t.size as usize })
+        Ok(Matrix { ty: t.ty, rows: rows * n_expert, cols, start, len: t.size as usize, owned: None })
     }
 
     /// A 1-D tensor of `len` elements, dequantized to f32.
@@ -231,7 +336,11 @@ impl Weights {
 
     /// The kernel view of a matrix. Extents were checked when the file was opened.
     pub fn qmatrix(&self, m: &Matrix) -> QMatrix<'_> {
-        let data = &self.file.bytes()[m.start..m.start + m.len];
+        let bytes = match m.owned {
+            Some(i) => &self.owned[i][..],
+            None => self.file.bytes(),
+        };
+        let data = &bytes[m.start..m.start + m.len];
         QMatrix { ty: m.ty, rows: m.rows, cols: m.cols, data }
     }
 

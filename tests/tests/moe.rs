@@ -10,7 +10,8 @@
 //!   the routing and grouping.
 //!
 //! Greedy tokens must equal the dense model's, and every logit bit for bit, for two
-//! sequences batched in one step.
+//! sequences batched in one step; on one executor and on tensor-parallel groups of 2 and 3
+//! ranks (exact mode, in-process collective).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use shoal_kernels::GgmlType;
 use shoal_model::executor::{SeqChunk, ShardExecutor, StageInput, StageOutput};
 use shoal_model::gguf::{Builder, GgufFile, Value};
 use shoal_model::sampling::argmax;
+use shoal_model::tp::{LocalGroup, TpMode};
 use shoal_model::weights::{ShardSpec, Weights};
 
 const N_EXPERT: usize = 4;
@@ -71,11 +73,26 @@ fn upcycle(dense: &GgufFile, out: &Path, n_used: usize, router: impl Fn(usize, u
 
 /// Greedy decoding of two prompts batched in every step: the logits of each step, and the
 /// tokens routed to each expert.
-fn run(file: Arc<GgufFile>, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<f32>>, Vec<u64>) {
+/// Greedy steps of `prompts` batched, on a stage of `tp` ranks (exact tensor parallelism,
+/// the other ranks on threads): every step's logits, and the tokens routed to each expert.
+fn run(file: Arc<GgufFile>, prompts: &[Vec<u32>], steps: usize, tp: usize) -> (Vec<Vec<f32>>, Vec<u64>) {
     let n_layer = shoal_model::arch::Config::from_gguf(&file).unwrap().n_layer;
-    let w = Weights::load(file, ShardSpec::full(n_layer)).unwrap();
-    let n_vocab = w.config.n_vocab;
-    let mut ex = ShardExecutor::new(Arc::new(w), 2, 256);
+    let load = |rank: usize| {
+        let w = Weights::load_tp(Arc::clone(&file), ShardSpec::full(n_layer), Some((rank, tp, TpMode::Exact))).unwrap();
+        ShardExecutor::new(Arc::new(w), if tp == 1 { 2 } else { 1 }, 256)
+    };
+    let mut group = LocalGroup::new(tp).into_iter();
+    let mut ex = load(0);
+    ex.set_group(Box::new(group.next().unwrap())).unwrap();
+    let followers: Vec<_> = group
+        .enumerate()
+        .map(|(i, g)| {
+            let mut f = load(i + 1);
+            f.set_group(Box::new(g)).unwrap();
+            std::thread::spawn(move || f.follow())
+        })
+        .collect();
+    let n_vocab = ex.weights().config.n_vocab;
     for s in 0..prompts.len() {
         ex.add_sequence(s as u64);
     }
@@ -88,7 +105,12 @@ fn run(file: Arc<GgufFile>, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<f32>
         inputs = l.chunks_exact(n_vocab).map(|row| vec![argmax(row)]).collect();
         all.push(l);
     }
-    (all, ex.expert_tokens().to_vec())
+    let routed = ex.expert_tokens().to_vec();
+    drop(ex);
+    for f in followers {
+        f.join().unwrap().unwrap();
+    }
+    (all, routed)
 }
 
 /// Upcycles, runs both models, compares; returns the tokens routed to each expert.
@@ -104,12 +126,21 @@ fn check(name: &str, n_used: usize, router: impl Fn(usize, usize) -> Vec<f32>) -
     assert_eq!((m.n_expert, m.n_used, m.n_ff), (N_EXPERT, n_used, c.n_ff));
     // Two prompts of different lengths, batched: prefill then 12 decode steps.
     let prompts = vec![vec![1, 504, 3458, 282, 4649, 314], vec![1, 29936, 421, 253, 1831, 1236, 30, 2342, 957]];
-    let (want, none) = run(dense, &prompts, 13);
+    let (want, none) = run(dense, &prompts, 13, 1);
     assert!(none.is_empty());
-    let (got, routed) = run(moe, &prompts, 13);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        let same = g.len() == w.len() && g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{name}: step {i}: the logits differ from the dense model's");
+    let (got, routed) = run(Arc::clone(&moe), &prompts, 13, 1);
+    let same_as_dense = |got: &[Vec<f32>], what: &str| {
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let same = g.len() == w.len() && g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name} {what}: step {i}: the logits differ from the dense model's");
+        }
+    };
+    same_as_dense(&got, "TP=1");
+    // Tensor parallelism: the experts split over the ranks (2 + 2, then 2 + 1 + 1), and the
+    // attention heads and FFN rows too; still every bit of the dense model.
+    for tp in [2, 3] {
+        let (got, _) = run(Arc::clone(&moe), &prompts, 13, tp);
+        same_as_dense(&got, &format!("TP={tp}"));
     }
     // Every token went to n_used experts in every layer: (6 + 9 + 2 × 12) tokens × 30 layers.
     assert_eq!(routed.iter().sum::<u64>(), (6 + 9 + 2 * 12) * 30 * n_used as u64, "{routed:?}");

@@ -73,7 +73,7 @@ impl Error {
                 | M::ChatTemplate(_) => Code::FailedPrecondition,
                 M::Kernel(_) => Code::Internal,
                 // Like a lost next stage: the coordinator forms the pipeline again.
-                M::ExpertHost { .. } => Code::Unavailable,
+                M::ExpertHost { .. } | M::Collective(_) => Code::Unavailable,
             },
         }
     }
