@@ -41,6 +41,8 @@ fn opts(name: &str, codec: Codec) -> LoadOptions {
         even: true,
         reorder: false,
         expert_host: None,
+        tp_followers: Default::default(),
+        tp_mode: Default::default(),
     }
 }
 

@@ -254,6 +254,8 @@ async fn shoal_status_shows_both_stages_after_a_generation() {
         even: true,
         reorder: false,
         expert_host: None,
+        tp_followers: Default::default(),
+        tp_mode: Default::default(),
     };
     let p = Pipeline::load(joined, &file, &opts).await.unwrap();
     let plan = StageInfo::of(&p);

@@ -57,7 +57,7 @@ impl Matrix {
 
     /// Rows `r` of this matrix, in place.
     pub fn rows_range(&self, r: Range<usize>) -> Matrix {
-        let row = if self.rows == 0 { 0 } else { self.len / self.rows };
+        let row = self.len.checked_div(self.rows).unwrap_or(0);
         Matrix { rows: r.len(), start: self.start + r.start * row, len: r.len() * row, ..*self }
     }
 }

@@ -256,8 +256,8 @@ pub fn get() -> &'static Security {
     GLOBAL.get().unwrap_or_else(|| DEFAULT.get_or_init(Security::default))
 }
 
-/// 32 random bytes as hex, from the kernel's generator.
-fn random_hex(n: usize) -> Result<String> {
+/// `n` random bytes as hex, from the kernel's generator.
+pub fn random_hex(n: usize) -> Result<String> {
     use std::io::Read;
     let path = Path::new("/dev/urandom");
     let mut b = vec![0u8; n];

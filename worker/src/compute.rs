@@ -88,6 +88,10 @@ pub enum Job {
     Stats(oneshot::Sender<Counters>),
 }
 
+/// Sets up a tensor-parallel leader's group, on the compute thread (it waits for the other
+/// ranks to join).
+pub type GroupSetup = Box<dyn FnOnce() -> shoal_model::Result<Box<dyn shoal_model::tp::Collective>> + Send>;
+
 /// Starts the compute thread for `weights`; it ends when every sender is dropped.
 pub fn spawn(
     weights: Arc<Weights>,
@@ -96,6 +100,7 @@ pub fn spawn(
     attn_threads: usize,
     kv_budget: u64,
     remote: Option<Box<dyn shoal_model::executor::RemoteExperts>>,
+    group: Option<GroupSetup>,
 ) -> Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new().name("shoal-compute".into()).spawn(move || {
@@ -104,7 +109,23 @@ pub fn spawn(
         if let Some(r) = remote {
             exec.set_remote_experts(r);
         }
-        let mut st = State { exec, samplers: HashMap::new(), owners: HashMap::new(), kv_budget, counters: Counters::default() };
+        // A leader whose group did not form answers every step with why, rather than
+        // computing a fraction of each layer.
+        let group_err = group.and_then(|setup| match setup().and_then(|g| exec.set_group(g)) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::error!("tensor-parallel group: {e}");
+                Some(e.to_string())
+            }
+        });
+        let mut st = State {
+            exec,
+            samplers: HashMap::new(),
+            owners: HashMap::new(),
+            kv_budget,
+            counters: Counters::default(),
+            group_err,
+        };
         while let Ok(job) = rx.recv() {
             match job {
                 Job::Step(stream, step, reply) => {
@@ -152,11 +173,15 @@ struct State {
     owners: HashMap<u64, u64>,
     kv_budget: u64,
     counters: Counters,
+    group_err: Option<String>,
 }
 
 impl State {
     fn step(&mut self, step: Step) -> Result<Output> {
         let t0 = Instant::now();
+        if let Some(e) = &self.group_err {
+            return Err(shoal_model::Error::Collective(e.clone()).into());
+        }
         // Sequences are checked before anything changes, so a bad frame leaves no trace.
         for ch in &step.chunks {
             if self.exec.seq_len(ch.seq).is_none() && !step.starts.iter().any(|s| s.seq == ch.seq) {

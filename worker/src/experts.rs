@@ -85,7 +85,7 @@ impl ExpertHost {
         codec::decode(codec, &xn.data, n, e, xs)?;
         out.clear();
         out.resize(n * e, 0.0);
-        run_experts(pool, w, lw, moe, xs, n, &chosen, 0..moe.n_expert, out, scratch);
+        run_experts(pool, w, lw, moe, xs, n, &chosen, out, scratch);
         pool.park();
         let mut data = Vec::new();
         codec::encode(codec, out, n, e, &mut data)?;

@@ -7,6 +7,7 @@
 //! travel back. It must not depend on `shoal-coordinator`: the two meet only through
 //! `shoal-proto`.
 
+pub mod collective;
 pub mod compute;
 pub mod error;
 pub mod experts;

@@ -158,10 +158,39 @@ impl Inner {
         if spec.layers.is_empty() && !r.embed && !r.head {
             return Err(Error::InvalidFrame("an empty shard".into()));
         }
-        let weights = Arc::new(Weights::load(file, spec)?);
+        let tp = tp_of(&r)?;
+        let weights = Arc::new(Weights::load_tp(file, spec, tp)?);
         let c = &weights.config;
         let n_ctx = if r.n_ctx == 0 { c.n_ctx_train.min(4096) } else { r.n_ctx as usize };
         let attn_threads = if r.attn_threads == 0 { n_threads } else { r.attn_threads as usize };
+        let mut reply = load_reply(have.clone(), &weights);
+        let mut group: Option<compute::GroupSetup> = None;
+        if let Some((rank, size, _)) = tp {
+            if rank > 0 {
+                // A follower: joins its leader and runs what it broadcasts; no stage of its own.
+                let coll = crate::collective::TcpCollective::join(&r.tp_leader, rank, size, &r.tp_secret, TP_JOIN_TIMEOUT)?;
+                let mut exec = shoal_model::executor::ShardExecutor::new(weights, n_threads, n_ctx);
+                exec.set_attention_numerics(shoal_kernels::attention::AttnNumerics::GgmlFlash { n_ctx, n_threads: attn_threads });
+                exec.set_group(Box::new(coll))?;
+                std::thread::Builder::new().name("shoal-tp-follower".into()).spawn(move || match exec.follow() {
+                    Ok(()) => tracing::info!(rank, "the tensor-parallel leader ended the group"),
+                    Err(e) => tracing::warn!(rank, "tensor-parallel rank stopped: {e}"),
+                })?;
+                tracing::info!(rank, size, leader = %r.tp_leader, "following a tensor-parallel leader");
+                *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.experts.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(reply);
+            }
+            // The leader: listens for the other ranks; the compute thread waits for them.
+            let listener = std::net::TcpListener::bind("0.0.0.0:0")?;
+            reply.tp_port = u32::from(listener.local_addr()?.port());
+            let secret = r.tp_secret.clone();
+            group = Some(Box::new(move || {
+                let c = crate::collective::TcpCollective::lead(listener, size, &secret, TP_JOIN_TIMEOUT)?;
+                Ok(Box::new(c) as Box<dyn shoal_model::tp::Collective>)
+            }));
+        }
         let codec = codec_of(r.activation_dtype)?;
         let request = v1::LoadShardRequest { model_hash: have.clone(), ..r.clone() };
         // Routed experts on an expert host: the compute thread calls it through this runtime.
@@ -173,7 +202,6 @@ impl Inner {
                 tokio::runtime::Handle::try_current().map_err(|e| Error::InvalidFrame(e.to_string()))?,
             ))),
         };
-        let reply = load_reply(have, &weights);
         let loaded = Loaded {
             n_embd: c.n_embd,
             embed: r.embed,
@@ -182,7 +210,7 @@ impl Inner {
             layers: (r.layer_start, r.layer_end),
             head: r.head,
             shard_bytes: reply.shard_bytes,
-            jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes, remote)?,
+            jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes, remote, group)?,
             request,
         };
         *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
@@ -227,6 +255,34 @@ impl Inner {
 /// Longest Stats waits for the next stage's Health.
 pub const NEXT_STAGE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Longest a rank of a tensor-parallel group waits for the others to join.
+pub const TP_JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The tensor-parallel rank, size and mode a `LoadShard` asks for (`None`: no group).
+fn tp_of(r: &v1::LoadShardRequest) -> Result<Option<(usize, usize, shoal_model::tp::TpMode)>> {
+    let (rank, size) = (r.tp_rank as usize, r.tp_size as usize);
+    if size <= 1 {
+        return if rank == 0 { Ok(None) } else { Err(Error::InvalidFrame(format!("tensor-parallel rank {rank} of {size}"))) };
+    }
+    if rank >= size || size > 64 {
+        return Err(Error::InvalidFrame(format!("tensor-parallel rank {rank} of {size}")));
+    }
+    if !(16..=256).contains(&r.tp_secret.len()) {
+        return Err(Error::InvalidFrame(format!("a tensor-parallel secret of {} bytes (16 to 256)", r.tp_secret.len())));
+    }
+    if rank > 0 && r.tp_leader.is_empty() {
+        return Err(Error::InvalidFrame("a tensor-parallel rank without its leader's address".into()));
+    }
+    if !r.expert_host.is_empty() {
+        return Err(Error::InvalidFrame("a tensor-parallel stage runs its routed experts itself".into()));
+    }
+    let mode = match r.tp_mode.as_str() {
+        "" => shoal_model::tp::TpMode::Exact,
+        m => m.parse().map_err(Error::InvalidFrame)?,
+    };
+    Ok(Some((rank, size, mode)))
+}
+
 /// What `LoadShard` answers for `weights` loaded from a file of identity `have`.
 fn load_reply(have: String, weights: &Weights) -> v1::LoadShardReply {
     let c = &weights.config;
@@ -236,6 +292,7 @@ fn load_reply(have: String, weights: &Weights) -> v1::LoadShardReply {
         n_embd: c.n_embd as u32,
         n_vocab: c.n_vocab as u32,
         shard_bytes: weights.bytes_per_step(),
+        tp_port: 0,
     }
 }
 

@@ -17,8 +17,14 @@ pub struct ClusterArgs {
     pub workers: usize,
     /// Run through already running workers at these addresses (repeatable, in pipeline
     /// order); each must have the model file, under the same name, in its models dir.
-    #[arg(long, value_name = "ADDR")]
+    /// `A+B+C` makes one tensor-parallel stage of three ranks (A the stage, B and C
+    /// holding a third of each of its layers each); stages may differ in size.
+    #[arg(long, value_name = "ADDR[+ADDR...]")]
     pub worker: Vec<String>,
+    /// How tensor-parallel stages split a block's output: `exact` (every bit of one worker's
+    /// output; more traffic) or `sum` (Megatron all-reduce of partial sums).
+    #[arg(long, default_value = "exact")]
+    pub tp_mode: shoal_model::tp::TpMode,
     /// Activation codec between stages: f32 (exact), bf16 or q8.
     #[arg(long, default_value = "f32")]
     pub codec: Codec,
@@ -42,7 +48,7 @@ impl ClusterArgs {
     /// takes the given addresses; the local workers die with the returned handle.
     pub fn workers(&self, model: &Path) -> Result<(Option<LocalCluster>, Vec<String>)> {
         if !self.worker.is_empty() {
-            return Ok((None, self.worker.clone()));
+            return Ok((None, pipeline::tp_groups(&self.worker).0));
         }
         let dir = model.parent().context("the model path has no directory")?;
         let exe = std::env::current_exe().context("finding the shoal binary")?;
@@ -76,6 +82,8 @@ impl ClusterArgs {
             even: self.workers > 0 && self.worker_threads.windows(2).all(|w| w[0] == w[1]),
             reorder: false,
             expert_host: self.expert_host.clone(),
+            tp_followers: pipeline::tp_groups(&self.worker).1,
+            tp_mode: self.tp_mode,
         })
     }
 }

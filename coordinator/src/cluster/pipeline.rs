@@ -5,6 +5,7 @@
 //! the broken link or the HTTP/2 keepalive times out, 3 s), and every wait is also bounded
 //! by [`STEP_TIMEOUT`], so the coordinator never hangs.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use shoal_kernels::codec::Codec;
 use shoal_model::arch::Config;
 use shoal_model::gguf::GgufFile;
+use shoal_model::tp::TpMode;
 use shoal_proto::v1::{self, worker_client::WorkerClient};
 use shoal_proto::security::Channel;
 
@@ -69,6 +71,33 @@ pub struct LoadOptions {
     /// Run every MoE layer's routed experts on this worker (an expert host) instead of in
     /// the stages; the stages keep the routers.
     pub expert_host: Option<String>,
+    /// Tensor-parallel stages: a stage's worker address → the workers that join it as
+    /// ranks 1, 2, ... (its leader is rank 0 and the stage the pipeline sees).
+    pub tp_followers: HashMap<String, Vec<String>>,
+    pub tp_mode: TpMode,
+}
+
+/// Splits `--worker` addresses where `A+B+C` is one tensor-parallel stage (A its leader):
+/// the stage addresses, and each leader's followers.
+pub fn tp_groups(addrs: &[String]) -> (Vec<String>, HashMap<String, Vec<String>>) {
+    let mut leaders = Vec::with_capacity(addrs.len());
+    let mut followers = HashMap::new();
+    for a in addrs {
+        let mut parts = a.split('+').map(str::trim).filter(|p| !p.is_empty()).map(String::from);
+        let Some(leader) = parts.next() else { continue };
+        let rest: Vec<String> = parts.collect();
+        if !rest.is_empty() {
+            followers.insert(leader.clone(), rest);
+        }
+        leaders.push(leader);
+    }
+    (leaders, followers)
+}
+
+/// The host part of a worker address (`http://h:p`, `h:p`, `[v6]:p`).
+fn host_of(addr: &str) -> &str {
+    let a = addr.trim_start_matches("http://").trim_start_matches("https://");
+    a.rsplit_once(':').map_or(a, |(h, _)| h)
 }
 
 impl LoadOptions {
@@ -446,16 +475,45 @@ impl Pipeline {
                 attn_threads: opts.attn_threads as u32,
                 experts_only: false,
                 expert_host: opts.expert_host.clone().unwrap_or_default(),
+                ..Default::default()
             };
-            // (Stats does not say which expert host a stage uses: with one, always load.)
-            if reuse && opts.expert_host.is_none() && holds(w, &req).await {
+            let followers = opts.tp_followers.get(&w.addr).cloned().unwrap_or_default();
+            // (Stats does not say which expert host a stage uses, nor who its ranks are:
+            // with either, always load.)
+            if reuse && opts.expert_host.is_none() && followers.is_empty() && holds(w, &req).await {
                 tracing::info!(addr = %w.addr, layers = ?p.layers, "the worker holds this shard already: kept");
                 continue;
             }
-            w.client
-                .load_shard(req)
+            let mut req = req;
+            if !followers.is_empty() {
+                req.tp_rank = 0;
+                req.tp_size = followers.len() as u32 + 1;
+                req.tp_secret = shoal_proto::security::random_hex(32).map_err(|e| Error::Plan(e.to_string()))?.into_bytes();
+                req.tp_mode = match opts.tp_mode {
+                    TpMode::Exact => "exact".into(),
+                    TpMode::Sum => "sum".into(),
+                };
+            }
+            let reply = w
+                .client
+                .load_shard(req.clone())
                 .await
-                .map_err(|s| Error::Load { addr: w.addr.clone(), msg: s.message().to_string() })?;
+                .map_err(|s| Error::Load { addr: w.addr.clone(), msg: s.message().to_string() })?
+                .into_inner();
+            // The other ranks join the leader's group listener; each holds its slice.
+            let leader = format!("{}:{}", host_of(&w.addr), reply.tp_port);
+            for (r, f) in followers.iter().enumerate() {
+                let fw = connect(f).await?;
+                let freq = v1::LoadShardRequest {
+                    tp_rank: r as u32 + 1,
+                    tp_leader: leader.clone(),
+                    next_stage: String::new(),
+                    head: false,
+                    ..req.clone()
+                };
+                fw.client().load_shard(freq).await.map_err(|s| Error::Load { addr: f.clone(), msg: s.message().to_string() })?;
+                tracing::info!(leader = %w.addr, rank = r + 1, addr = %f, "tensor-parallel rank loaded");
+            }
         }
         Ok(Pipeline { stages, n_ctx, plan, planning, threads: stage_threads, identity })
     }
