@@ -131,9 +131,10 @@ impl TpSlice {
     }
 }
 
-/// What the leader tells the other ranks, in order, before a step.
+/// What the leader tells the other ranks, in order, before a step (the wire format is in
+/// docs/protocol.md, "The group link").
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Op {
+pub enum Op {
     Add(u64),
     Release(u64),
     Truncate(u64, usize),
@@ -143,13 +144,13 @@ pub(crate) enum Op {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum OwnedInput {
+pub enum OwnedInput {
     Tokens(Vec<u32>),
     Hidden(Vec<f32>),
 }
 
 impl OwnedInput {
-    pub(crate) fn as_input(&self) -> StageInput<'_> {
+    pub fn as_input(&self) -> StageInput<'_> {
         match self {
             OwnedInput::Tokens(t) => StageInput::Tokens(t),
             OwnedInput::Hidden(h) => StageInput::Hidden(h),
@@ -165,7 +166,7 @@ const FORWARD: u8 = 4;
 const STOP: u8 = 5;
 
 /// Appends `op` to `out` (little-endian, length-prefixed arrays).
-pub(crate) fn encode(op: &Op, out: &mut Vec<u8>) {
+pub fn encode(op: &Op, out: &mut Vec<u8>) {
     let u64_ = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
     match op {
         Op::Add(s) => {
@@ -206,7 +207,7 @@ pub(crate) fn encode(op: &Op, out: &mut Vec<u8>) {
 }
 
 /// Reads the ops of a message; a malformed message is an error, never a panic.
-pub(crate) fn decode(mut b: &[u8]) -> Result<Vec<Op>> {
+pub fn decode(mut b: &[u8]) -> Result<Vec<Op>> {
     let bad = |what: &str| Error::Collective(format!("malformed step message: {what}"));
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if b.len() < n {
