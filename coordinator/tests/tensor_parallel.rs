@@ -1,7 +1,7 @@
 //! Tensor-parallel stages of worker processes over the TCP collective: `shoal run --worker
 //! A+B` (one stage, TP = 2), `--worker A+B+C` (TP = 3) and `--worker A+B --worker C` (a
 //! pipeline of a TP = 2 stage and a plain one) print exactly what one process prints, on
-//! SmolLM2 Q4_1 and on the qwen3moe fixture (its experts split over the ranks). Exact mode
+//! SmolLM2 Q4_1 and on the qwen3, qwen3moe and mixtral fixtures (experts split over ranks). Exact mode
 //! and f32 activations: every bit is one process's, so the text must be identical. Then a
 //! rank is killed: the next run fails and says which group member is missing.
 
@@ -43,17 +43,22 @@ fn tensor_parallel_stages_of_worker_processes_print_what_one_process_prints() {
     same_text(&model, &want, &["--worker", &format!("{}+{}+{}", w[0], w[1], w[2])]);
     same_text(&model, &want, &["--worker", &format!("{}+{}", w[1], w[2]), "--worker", &w[0]]);
 
-    // The qwen3moe fixture: 8 experts over 3 ranks (3 + 3 + 2), 2 KV heads (rank 2 has none).
+    // The reference fixtures (whose single-process greedy tokens are transformers'): qwen3
+    // and qwen3moe (2 KV heads: at TP = 3 rank 2 holds none) and mixtral, their 8 experts
+    // split 4 + 4 and 3 + 3 + 2.
     let fixtures = std::env::var_os("SHOAL_FIXTURES_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| {
         std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shoal/fixtures")
     });
-    let moe = fixtures.join("qwen3moe.gguf");
-    assert!(moe.exists(), "{} is missing: run scripts/fixtures/run", moe.display());
     let f: Vec<String> = (0..3).map(|_| common::worker_in(&mut procs, &fixtures, "127.0.0.1:0", &[])).collect();
-    let single = run(&moe, &[]);
-    assert!(single.status.success(), "{}", String::from_utf8_lossy(&single.stderr));
-    let want_moe = String::from_utf8_lossy(&single.stdout).into_owned();
-    same_text(&moe, &want_moe, &["--worker", &format!("{}+{}+{}", f[0], f[1], f[2])]);
+    for name in ["qwen3.gguf", "qwen3moe.gguf", "mixtral.gguf"] {
+        let m = fixtures.join(name);
+        assert!(m.exists(), "{} is missing: run scripts/fixtures/run", m.display());
+        let single = run(&m, &[]);
+        assert!(single.status.success(), "{}", String::from_utf8_lossy(&single.stderr));
+        let want = String::from_utf8_lossy(&single.stdout).into_owned();
+        same_text(&m, &want, &["--worker", &format!("{}+{}", f[0], f[1])]);
+        same_text(&m, &want, &["--worker", &format!("{}+{}+{}", f[0], f[1], f[2])]);
+    }
 
     // A rank that is gone: the stage cannot form, and the error names it.
     let p = &mut procs.0[2];
