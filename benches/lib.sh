@@ -78,3 +78,31 @@ shoal_bin() {
         SHOAL_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/shoal"
     fi
 }
+
+# The value of metadata key $2 of GGUF file $1, as `shoal info --metadata` prints it (strings
+# unquoted); empty when the file has no such key. Needs SHOAL (the binary).
+gguf_meta() {
+    "$SHOAL" info --model "$1" --metadata | sed -n "s/^  $2 = //p" | tr -d '"'
+}
+
+# bench_worker VAR NS LISTEN DIR: starts `shoal worker` (in network namespace NS unless
+# empty) listening on LISTEN and serving models dir DIR, adds it to PIDS, waits until it
+# listens and sets VAR to its address. (Not in a `$(...)`: PIDS must be the caller's.)
+bench_worker() {
+    local var="$1" ns="$2" listen="$3" dir="$4" out
+    out="$(mktemp)"
+    local cmd=("$SHOAL" --insecure worker --listen "$listen" --models-dir "$dir")
+    [[ -n "$ns" ]] && cmd=(ip netns exec "$ns" "${cmd[@]}")
+    "${cmd[@]}" > "$out" 2>/dev/null &
+    PIDS+=($!)
+    for _ in $(seq 100); do
+        if grep -q "listening on" "$out"; then
+            printf -v "$var" '%s' "$(sed -n 's/^listening on //p' "$out" | head -1)"
+            rm -f "$out"
+            return
+        fi
+        sleep 0.1
+    done
+    echo "a worker did not start" >&2
+    return 1
+}

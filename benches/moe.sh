@@ -35,20 +35,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# worker NS LISTEN: starts a worker (in namespace NS unless empty), waits for it, prints its address.
-worker() {
-    local ns="$1" listen="$2" out; out="$(mktemp)"
-    local cmd=("$SHOAL" --insecure worker --listen "$listen" --models-dir "$DIR")
-    [[ -n "$ns" ]] && cmd=(ip netns exec "$ns" "${cmd[@]}")
-    "${cmd[@]}" > "$out" 2>/dev/null &
-    PIDS+=($!)
-    for _ in $(seq 100); do
-        grep -q "listening on" "$out" && { sed -n 's/^listening on //p' "$out" | head -1; return; }
-        sleep 0.1
-    done
-    echo "a worker did not start" >&2; exit 1
-}
-
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 # tg NS ARGS...: decode tokens/s of shoal bench (run in NS unless empty).
 tg() {
     local ns="$1"; shift
@@ -59,31 +47,17 @@ tg() {
 
 # Payload per token per MoE layer: the hidden state out and back (f32) and n_used (expert,
 # weight) pairs, from the model's own metadata.
-read -r E K L N_MOE < <(python3 - "$MODEL" <<'PY'
-import struct, sys
-# Minimal GGUF metadata reader: the four numbers this needs.
-f = open(sys.argv[1], "rb"); assert f.read(4) == b"GGUF"; f.read(4)
-n_t, n_kv = struct.unpack("<QQ", f.read(16))
-def s(): n, = struct.unpack("<Q", f.read(8)); return f.read(n).decode()
-size = {0:1,1:1,2:2,3:2,4:4,5:4,6:4,7:1,10:8,11:8,12:8}
-def val(t):
-    if t == 8: return s()
-    if t == 9:
-        et, n = struct.unpack("<IQ", f.read(12)); return [val(et) for _ in range(n)]
-    b = f.read(size[t]); return int.from_bytes(b, "little") if t in (0,2,4,10) else b
-kv = {}
-for _ in range(n_kv):
-    k = s(); t, = struct.unpack("<I", f.read(4)); kv[k] = val(t)
-a = kv["general.architecture"]
-print(kv[a + ".embedding_length"], kv[a + ".expert_used_count"], kv[a + ".block_count"], kv[a + ".expert_count"])
-PY
-)
+ARCH="$(gguf_meta "$MODEL" general.architecture)"
+E="$(gguf_meta "$MODEL" "$ARCH.embedding_length")"
+K="$(gguf_meta "$MODEL" "$ARCH.expert_used_count")"
+L="$(gguf_meta "$MODEL" "$ARCH.block_count")"
+N_MOE="$(gguf_meta "$MODEL" "$ARCH.expert_count")"
 BYTES=$(( L * (2 * E * 4 + K * 8) ))
 
 echo "model $(basename "$MODEL"): n_embd $E, $L MoE layers, $N_MOE experts, top-$K; decode $NGEN tokens x $REPS reps, concurrency $CONC"
 echo "expert host payload: $BYTES bytes per token (per MoE layer: hidden state out and back, f32, and $K expert/weight pairs; gRPC framing not counted)"
-A="$(worker "" 127.0.0.1:0)"
-B="$(worker "" 127.0.0.1:0)"
+bench_worker A "" 127.0.0.1:0 "$DIR"
+bench_worker B "" 127.0.0.1:0 "$DIR"
 local_tg="$(tg "" --worker "$A")"
 host_tg="$(tg "" --worker "$A" --expert-host "$B")"
 printf '%-44s %10s %8s\n' "where the experts run" "tg tok/s" "ratio"
@@ -92,7 +66,8 @@ printf '%-44s %10.1f %8.2f\n' "expert host, loopback" "$host_tg" "$(python3 -c "
 if [[ "$USE_NETNS" == 1 ]]; then
     "$ROOT/scripts/netns-cluster" up "$PREFIX" 2 --delay "$DELAY" --rate 1gbit 2>/dev/null
     w1="$("$ROOT/scripts/netns-cluster" addr "$PREFIX" w1)"; w2="$("$ROOT/scripts/netns-cluster" addr "$PREFIX" w2)"
-    SA="$(worker "$PREFIX-w1" "$w1:7070")"; SB="$(worker "$PREFIX-w2" "$w2:7070")"
+    bench_worker SA "$PREFIX-w1" "$w1:7070" "$DIR"
+    bench_worker SB "$PREFIX-w2" "$w2:7070" "$DIR"
     if "$ROOT/scripts/netns-cluster" netem-check; then
         via_a="$SA" via_b="$SB" mech=netem
     else

@@ -28,17 +28,8 @@ DIR="$(dirname "$MODEL")"
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 
-worker() {
-    local out; out="$(mktemp)"
-    "$SHOAL" --insecure worker --listen 127.0.0.1:0 --models-dir "$DIR" > "$out" 2>/dev/null &
-    PIDS+=($!)
-    for _ in $(seq 100); do
-        grep -q "listening on" "$out" && { sed -n 's/^listening on //p' "$out" | head -1; return; }
-        sleep 0.1
-    done
-    echo "a worker did not start" >&2; exit 1
-}
-
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 # tg THREADS ARGS...: decode tokens/s of shoal bench.
 tg() {
     local t="$1"; shift
@@ -50,30 +41,16 @@ tg() {
 # exact mode gathers attention output (n_head*head_dim), the FFN activation (n_ff, or
 # n_used*n_embd per-slot expert outputs) and twice the hidden size per layer; sum mode
 # all-reduces the hidden size twice per layer.
-read -r EXACT SUM DESC < <(python3 - "$MODEL" <<'PY'
-import struct, sys
-f = open(sys.argv[1], "rb"); assert f.read(4) == b"GGUF"; f.read(4)
-n_t, n_kv = struct.unpack("<QQ", f.read(16))
-def s(): n, = struct.unpack("<Q", f.read(8)); return f.read(n).decode()
-size = {0:1,1:1,2:2,3:2,4:4,5:4,6:4,7:1,10:8,11:8,12:8}
-def val(t):
-    if t == 8: return s()
-    if t == 9:
-        et, n = struct.unpack("<IQ", f.read(12)); return [val(et) for _ in range(n)]
-    b = f.read(size[t]); return int.from_bytes(b, "little") if t in (0,2,4,10) else b
-kv = {}
-for _ in range(n_kv):
-    k = s(); t, = struct.unpack("<I", f.read(4)); kv[k] = val(t)
-a = kv["general.architecture"]; g = lambda k, d=None: kv.get(a + "." + k, d)
-e, L, nh = g("embedding_length"), g("block_count"), g("attention.head_count")
-hd = g("attention.key_length", e // nh)
-ffn = g("expert_used_count") * e if g("expert_count") else g("feed_forward_length")
-print(L * 4 * (nh * hd + ffn + 2 * e), L * 4 * 2 * e, f"{a}:n_embd={e},layers={L}")
-PY
-)
+ARCH="$(gguf_meta "$MODEL" general.architecture)"
+m() { gguf_meta "$MODEL" "$ARCH.$1"; }
+E="$(m embedding_length)" L="$(m block_count)" NH="$(m attention.head_count)"
+HD="$(m attention.key_length)"; HD="${HD:-$((E / NH))}"
+if [[ -n "$(m expert_count)" ]]; then FFN=$(( $(m expert_used_count) * E )); else FFN="$(m feed_forward_length)"; fi
+EXACT=$(( L * 4 * (NH * HD + FFN + 2 * E) )) SUM=$(( L * 4 * 2 * E )) DESC="$ARCH:n_embd=$E,layers=$L"
 echo "model $(basename "$MODEL") ($DESC): decode $NGEN tokens x $REPS reps, $T thread(s) per worker, loopback"
 echo "collective traffic per token per follower, each way: exact $EXACT bytes, sum $SUM bytes"
-A="$(worker)"; B="$(worker)"
+bench_worker A "" 127.0.0.1:0 "$DIR"
+bench_worker B "" 127.0.0.1:0 "$DIR"
 tp1="$(tg "$T" --worker "$A")"
 tp1x2="$(tg "$((2 * T))" --worker "$A")"
 tp2e="$(tg "$T" --worker "$A+$B" --tp-mode exact)"

@@ -22,7 +22,7 @@ use shoal_kernels::ops::{RopeCache, add_bias_rows, add_inplace, rms_norm, swiglu
 use shoal_kernels::ThreadPool;
 
 use crate::arch::RopeKind;
-use crate::tp::{self, Collective, Op, OwnedInput, TpMode};
+use crate::tp::{self, Collective, Op, TpMode, TpSlice};
 use crate::weights::{LayerWeights, Matrix, MoeWeights, Weights};
 use crate::{Error, Result};
 
@@ -187,6 +187,7 @@ impl ShardExecutor {
                     }
                     Op::Truncate(seq, n) => self.truncate(seq, n)?,
                     Op::Forward(chunks, input) => {
+                        self.check_chunks(&chunks)?;
                         self.compute(&chunks, input.as_input())?;
                     }
                     Op::Stop => return Ok(()),
@@ -281,18 +282,15 @@ impl ShardExecutor {
         self.check_chunks(chunks)?;
         if self.is_leader() {
             // The other ranks get the step (and the bookkeeping since the last one) first.
-            let input = match input {
-                StageInput::Tokens(t) => OwnedInput::Tokens(t.to_vec()),
-                StageInput::Hidden(h) => OwnedInput::Hidden(h.to_vec()),
-            };
             let mut msg = std::mem::take(&mut self.pending);
-            tp::encode(&Op::Forward(chunks.to_vec(), input), &mut msg);
+            tp::encode_forward(chunks, input, &mut msg);
             self.group.as_mut().expect("leader").broadcast(&mut msg)?;
         }
         self.compute(chunks, input)
     }
 
-    /// [`Self::forward`] on this rank alone (a leader has broadcast the step already).
+    /// [`Self::forward`] on this rank alone, chunks checked (a leader has broadcast the step
+    /// already).
     fn compute(&mut self, chunks: &[SeqChunk], input: StageInput<'_>) -> Result<StageOutput> {
         let w = Arc::clone(&self.weights);
         let c = &w.config;
@@ -300,7 +298,6 @@ impl ShardExecutor {
         let exact = w.tp.as_ref().filter(|t| t.mode == TpMode::Exact);
         let (e, qd, kvd) = (c.n_embd, n_head * c.head_dim, n_head_kv * c.head_dim);
         let n: usize = chunks.iter().map(|ch| ch.n_tokens).sum();
-        self.check_chunks(chunks)?;
 
         let s = &mut self.s;
         let x = grow(&mut s.x, n * e);
@@ -412,22 +409,9 @@ impl ShardExecutor {
                 );
             }
             // att: (n, qd) · wo: (e, qd) -> tmp: (n, e); x += tmp
-            let tmp = grow(&mut s.tmp, n * e);
-            match (exact, self.group.as_mut()) {
-                (Some(t), Some(g)) => {
-                    // Every rank gets all heads' output, then computes its rows of wo.
-                    let q0 = t.heads(c).start * c.head_dim;
-                    gather_cols(&s.att[..n * qd], n, q0, c.q_dim(), &mut s.gather, g.as_mut())?;
-                    let full = &s.gather[..n * c.q_dim()];
-                    rows_out(&self.pool, &w, &lw.wo, full, n, t.rows.clone(), e, &mut s.tmp, &mut s.part, &mut s.quant, g.as_mut())?;
-                }
-                (_, group) => {
-                    mm(&self.pool, &w, &lw.wo, &s.att[..n * qd], n, tmp, &mut s.quant);
-                    if let Some(g) = group {
-                        g.all_reduce(&mut s.tmp[..n * e])?;
-                    }
-                }
-            }
+            let q0 = exact.map_or(0, |t| t.heads(c).start * c.head_dim);
+            let group = group_of(&mut self.group);
+            block_out(&self.pool, &w, &lw.wo, &s.att[..n * qd], n, q0, c.q_dim(), exact, group, &mut s.tmp, &mut s.gather, &mut s.part, &mut s.quant)?;
             add_inplace(&mut s.x[..n * e], &s.tmp[..n * e]);
 
             // Feed-forward block: x += down(silu(gate(xn)) * up(xn)).
@@ -435,7 +419,6 @@ impl ShardExecutor {
             for t in 0..n {
                 rms_norm(&s.x[t * e..(t + 1) * e], &lw.ffn_norm, c.rms_eps, &mut xn[t * e..(t + 1) * e]);
             }
-            let tmp = grow(&mut s.tmp, n * e);
             match &lw.moe {
                 None => {
                     let gate = grow(&mut s.gate, n * ff);
@@ -443,27 +426,13 @@ impl ShardExecutor {
                     let up = grow(&mut s.up, n * ff);
                     mm(&self.pool, &w, &lw.w_up, &s.xn[..n * e], n, up, &mut s.quant);
                     swiglu_inplace(&mut s.gate[..n * ff], &s.up[..n * ff]);
-                    match (exact, self.group.as_mut()) {
-                        (Some(t), Some(g)) => {
-                            let full_ff = c.n_ff;
-                            gather_cols(&s.gate[..n * ff], n, t.ff.start, full_ff, &mut s.gather, g.as_mut())?;
-                            let full = &s.gather[..n * full_ff];
-                            rows_out(&self.pool, &w, &lw.w_down, full, n, t.rows.clone(), e, &mut s.tmp, &mut s.part, &mut s.quant, g.as_mut())?;
-                        }
-                        (_, group) => {
-                            mm(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, tmp, &mut s.quant);
-                            if let Some(g) = group {
-                                g.all_reduce(&mut s.tmp[..n * e])?;
-                            }
-                        }
-                    }
+                    let f0 = exact.map_or(0, |t| t.ff.start);
+                    let group = group_of(&mut self.group);
+                    block_out(&self.pool, &w, &lw.w_down, &s.gate[..n * ff], n, f0, c.n_ff, exact, group, &mut s.tmp, &mut s.gather, &mut s.part, &mut s.quant)?;
                 }
                 Some(moe) => {
                     let layer = w.spec.layers.start + li;
-                    let group: Option<(&mut dyn Collective, bool)> = match self.group.as_mut() {
-                        Some(g) => Some((&mut **g, exact.is_some())),
-                        None => None,
-                    };
+                    let group = group_of(&mut self.group).map(|g| (g, exact.is_some()));
                     moe_ffn(&self.pool, &w, layer, lw, moe, n, s, self.remote.as_mut(), experts.clone(), group)?;
                 }
             }
@@ -604,8 +573,7 @@ pub struct ExpertScratch {
 /// once for all the tokens routed to it (grouped across the batch, so an expert's weights are
 /// read once per step and unchosen experts not at all), and each token's output row in `out`
 /// is `w_0·y_0 + w_1·y_1 + ...` in rank order. The same code runs in a stage and on an
-/// expert host, so where experts live changes no bit. Only the experts in `owned` run (a
-/// tensor-parallel rank's share); the others' terms are left out of the sums.
+/// expert host, so where experts live changes no bit.
 #[allow(clippy::too_many_arguments)]
 pub fn run_experts(
     pool: &ThreadPool,
@@ -698,26 +666,49 @@ fn gather_cols(local: &[f32], n: usize, c0: usize, full: usize, gather: &mut Vec
     g.all_reduce(buf)
 }
 
-/// Exact tensor parallelism: this rank's rows `rows` of `m · x` (`m` holds just those rows),
-/// gathered over the group into `out` (`(n, width)`).
+/// The group as the helpers below take it.
+fn group_of(g: &mut Option<Box<dyn Collective>>) -> Option<&mut dyn Collective> {
+    match g {
+        Some(g) => Some(g.as_mut()),
+        None => None,
+    }
+}
+
+/// A block's output projection into `out` (`(n, n_embd)`): `m · x`, where `x` is this rank's
+/// columns of the block's activation (`(n, local_width)`, from column `c0` of `full`).
+/// Alone, the product; in a group, summed over the ranks ([`TpMode::Sum`]: `m` holds the
+/// matching columns), or ([`TpMode::Exact`]) `x` gathered whole first, this rank's rows of
+/// `m` applied to it, and the rows gathered.
 #[allow(clippy::too_many_arguments)]
-fn rows_out(
+fn block_out(
     pool: &ThreadPool,
     w: &Weights,
     m: &Matrix,
     x: &[f32],
     n: usize,
-    rows: Range<usize>,
-    width: usize,
+    c0: usize,
+    full: usize,
+    exact: Option<&TpSlice>,
+    group: Option<&mut dyn Collective>,
     out: &mut Vec<f32>,
+    gather: &mut Vec<f32>,
     part: &mut Vec<f32>,
     quant: &mut Vec<u8>,
-    g: &mut dyn Collective,
 ) -> Result<()> {
-    let r = rows.len();
-    let p = grow(part, n * r);
-    mm(pool, w, m, x, n, p, quant);
-    gather_cols(&part[..n * r], n, rows.start, width, out, g)
+    let e = w.config.n_embd;
+    match (exact, group) {
+        (Some(t), Some(g)) => {
+            gather_cols(x, n, c0, full, gather, g)?;
+            let r = t.rows.len();
+            mm(pool, w, m, &gather[..n * full], n, grow(part, n * r), quant);
+            gather_cols(&part[..n * r], n, t.rows.start, e, out, g)
+        }
+        (_, group) => {
+            let y = grow(out, n * e);
+            mm(pool, w, m, x, n, y, quant);
+            group.map_or(Ok(()), |g| g.all_reduce(y))
+        }
+    }
 }
 
 /// Softmax of one row in place, as ggml's `soft_max` computes it: the max subtracted, the

@@ -182,27 +182,32 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
             u64_(out, *s);
             u64_(out, *n as u64);
         }
-        Op::Forward(chunks, input) => {
-            out.push(FORWARD);
-            u64_(out, chunks.len() as u64);
-            for ch in chunks {
-                u64_(out, ch.seq);
-                u64_(out, ch.n_tokens as u64);
-            }
-            match input {
-                OwnedInput::Tokens(t) => {
-                    out.push(0);
-                    u64_(out, t.len() as u64);
-                    t.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-                }
-                OwnedInput::Hidden(h) => {
-                    out.push(1);
-                    u64_(out, h.len() as u64);
-                    h.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-                }
-            }
-        }
+        Op::Forward(chunks, input) => encode_forward(chunks, input.as_input(), out),
         Op::Stop => out.push(STOP),
+    }
+}
+
+/// Appends a forward op for `chunks` and `input` to `out` (what `encode` writes for
+/// `Op::Forward`, without copying the input first).
+pub fn encode_forward(chunks: &[SeqChunk], input: StageInput<'_>, out: &mut Vec<u8>) {
+    let u64_ = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
+    out.push(FORWARD);
+    u64_(out, chunks.len() as u64);
+    for ch in chunks {
+        u64_(out, ch.seq);
+        u64_(out, ch.n_tokens as u64);
+    }
+    match input {
+        StageInput::Tokens(t) => {
+            out.push(0);
+            u64_(out, t.len() as u64);
+            t.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
+        StageInput::Hidden(h) => {
+            out.push(1);
+            u64_(out, h.len() as u64);
+            h.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
     }
 }
 
@@ -267,7 +272,9 @@ struct Shared {
 }
 
 /// The in-process collective: `size` ranks on threads of one process, meeting at a barrier.
-/// Each rank sums the others' buffers itself, in rank order.
+/// Each rank sums the others' buffers itself, in rank order. A barrier has no timeout: a
+/// rank that stops calling leaves the others waiting, so every rank must run every step
+/// (as `ShardExecutor::follow` does until the leader's stop).
 pub struct LocalGroup {
     rank: usize,
     size: usize,

@@ -360,7 +360,12 @@ impl Weights {
                 let ffn = m(&l.w_gate) + m(&l.w_up) + m(&l.w_down);
                 let ffn = match &l.moe {
                     None => ffn,
-                    Some(moe) => m(&moe.router) + ffn / moe.n_expert as u64 * moe.n_used as u64,
+                    // The chosen experts' share, of which a tensor-parallel rank runs the
+                    // experts it owns.
+                    Some(moe) => {
+                        let owned = self.tp.as_ref().map_or(moe.n_expert, |t| t.experts.len()) as u64;
+                        m(&moe.router) + ffn / moe.n_expert as u64 * moe.n_used as u64 * owned / moe.n_expert as u64
+                    }
                 };
                 m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + ffn
             })

@@ -20,7 +20,7 @@
 //! idle stage is not a failure); the leader closing the socket ends them.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use shoal_model::tp::Collective;
@@ -40,8 +40,10 @@ pub struct TcpCollective {
     rank: usize,
     size: usize,
     peers: Vec<(TcpStream, String)>,
+    /// An outgoing frame (length, then payload), built once for every follower.
     frame: Vec<u8>,
-    part: Vec<f32>,
+    /// An incoming payload.
+    inbox: Vec<u8>,
 }
 
 fn err(peer: &str, what: impl std::fmt::Display) -> Error {
@@ -88,7 +90,7 @@ impl TcpCollective {
             s.set_nodelay(true).map_err(|e| err(&name, e))?;
             peers.push((s, name));
         }
-        Ok(TcpCollective { rank: 0, size, peers, frame: Vec::new(), part: Vec::new() })
+        Ok(TcpCollective { rank: 0, size, peers, frame: Vec::new(), inbox: Vec::new() })
     }
 
     /// A follower's side: joins the leader at `leader` as `rank` of `size`.
@@ -97,8 +99,20 @@ impl TcpCollective {
         if rank == 0 || rank >= size {
             return Err(err(&name, format!("rank {rank} of {size} cannot join a leader")));
         }
-        let addr: SocketAddr = leader.parse().map_err(|e| err(&name, e))?;
-        let mut s = TcpStream::connect_timeout(&addr, wait).map_err(|e| err(&name, e))?;
+        // A name (the coordinator knows its workers as `a.lan:7070`) or an address; each of
+        // a name's addresses in turn.
+        let mut last = None;
+        let mut conn = None;
+        for addr in leader.to_socket_addrs().map_err(|e| err(&name, e))? {
+            match TcpStream::connect_timeout(&addr, wait) {
+                Ok(s) => {
+                    conn = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let mut s = conn.ok_or_else(|| err(&name, last.map_or("the name has no address".into(), |e| e.to_string())))?;
         s.set_nodelay(true).map_err(|e| err(&name, e))?;
         s.set_read_timeout(Some(wait)).map_err(|e| err(&name, e))?;
         let mut hello = MAGIC.to_vec();
@@ -114,20 +128,26 @@ impl TcpCollective {
         }
         // Steps come when they come.
         s.set_read_timeout(None).map_err(|e| err(&name, e))?;
-        Ok(TcpCollective { rank, size, peers: vec![(s, name)], frame: Vec::new(), part: Vec::new() })
+        Ok(TcpCollective { rank, size, peers: vec![(s, name)], frame: Vec::new(), inbox: Vec::new() })
     }
 
-    fn send(&mut self, i: usize, payload: &[u8]) -> Result<()> {
-        let (s, name) = &mut self.peers[i];
+    /// Starts `self.frame`; the payload follows, then [`Self::send_frame`].
+    fn begin_frame(&mut self) {
         self.frame.clear();
-        self.frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.frame.extend_from_slice(payload);
+        self.frame.extend_from_slice(&[0; 4]);
+    }
+
+    /// Sends `self.frame` (its length filled in) to peer `i`.
+    fn send_frame(&mut self, i: usize) -> Result<()> {
+        let len = (self.frame.len() - 4) as u32;
+        self.frame[..4].copy_from_slice(&len.to_le_bytes());
+        let (s, name) = &mut self.peers[i];
         s.write_all(&self.frame).map_err(|e| err(name, e))
     }
 
     /// Reads one frame from peer `i` into `out`; `want` is the exact length expected, if known.
-    fn recv(&mut self, i: usize, want: Option<usize>, out: &mut Vec<u8>) -> Result<()> {
-        let (s, name) = &mut self.peers[i];
+    fn recv(peers: &mut [(TcpStream, String)], i: usize, want: Option<usize>, out: &mut Vec<u8>) -> Result<()> {
+        let (s, name) = &mut peers[i];
         let mut len = [0u8; 4];
         s.read_exact(&mut len).map_err(|e| err(name, closed(e)))?;
         let len = u32::from_le_bytes(len) as usize;
@@ -174,16 +194,8 @@ fn handshake_in(s: &mut TcpStream, size: usize, secret: &[u8]) -> std::result::R
     Ok(rank)
 }
 
-fn to_bytes(xs: &[f32], out: &mut Vec<u8>) {
-    out.clear();
-    out.reserve(xs.len() * 4);
-    xs.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-}
-
-fn from_bytes(b: &[u8], out: &mut [f32]) {
-    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-        *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-    }
+fn f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
 }
 
 impl Collective for TcpCollective {
@@ -196,38 +208,38 @@ impl Collective for TcpCollective {
     }
 
     fn all_reduce(&mut self, buf: &mut [f32]) -> Result<()> {
-        let mut bytes = Vec::new();
+        let want = Some(buf.len() * 4);
         if self.rank == 0 {
-            let mut part = std::mem::take(&mut self.part);
-            part.resize(buf.len(), 0.0);
-            // buf already holds rank 0's part: add the others in rank order.
+            // `buf` holds rank 0's part: the others are added to it in rank order.
             for i in 0..self.peers.len() {
-                self.recv(i, Some(buf.len() * 4), &mut bytes)?;
-                from_bytes(&bytes, &mut part);
-                buf.iter_mut().zip(&part).for_each(|(o, &v)| *o += v);
+                Self::recv(&mut self.peers, i, want, &mut self.inbox)?;
+                buf.iter_mut().zip(f32s(&self.inbox)).for_each(|(o, v)| *o += v);
             }
-            self.part = part;
-            to_bytes(buf, &mut bytes);
+        }
+        self.begin_frame();
+        buf.iter().for_each(|v| self.frame.extend_from_slice(&v.to_le_bytes()));
+        if self.rank == 0 {
             for i in 0..self.peers.len() {
-                self.send(i, &bytes)?;
+                self.send_frame(i)?;
             }
         } else {
-            to_bytes(buf, &mut bytes);
-            self.send(0, &bytes)?;
-            self.recv(0, Some(buf.len() * 4), &mut bytes)?;
-            from_bytes(&bytes, buf);
+            self.send_frame(0)?;
+            Self::recv(&mut self.peers, 0, want, &mut self.inbox)?;
+            buf.iter_mut().zip(f32s(&self.inbox)).for_each(|(o, v)| *o = v);
         }
         Ok(())
     }
 
     fn broadcast(&mut self, msg: &mut Vec<u8>) -> Result<()> {
         if self.rank == 0 {
+            self.begin_frame();
+            self.frame.extend_from_slice(msg);
             for i in 0..self.peers.len() {
-                self.send(i, msg)?;
+                self.send_frame(i)?;
             }
             Ok(())
         } else {
-            self.recv(0, None, msg)
+            Self::recv(&mut self.peers, 0, None, msg)
         }
     }
 }
@@ -238,7 +250,8 @@ mod tests {
 
     fn group(size: usize, secret: &'static [u8]) -> (TcpCollective, Vec<std::thread::JoinHandle<Result<TcpCollective>>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
+        // By name, as a coordinator that knows its workers by name hands it out.
+        let addr = format!("localhost:{}", l.local_addr().unwrap().port());
         let joins = (1..size)
             .map(|r| {
                 let a = addr.clone();
