@@ -15,6 +15,8 @@ pub mod attention;
 pub mod codec;
 pub mod pool;
 pub mod quant;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use error::{Error, Result};
 pub use pool::ThreadPool;
