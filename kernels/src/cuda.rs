@@ -386,6 +386,8 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
+        // The previous upload may still be reading the staging buffer.
+        self.stream.synchronize()?;
         Self::staging(&mut self.up, &self.ctx, bytes, true)?;
         let pin = self.up.as_mut().expect("staged");
         let host = pin.as_mut_slice()?;

@@ -42,6 +42,9 @@ pub enum Error {
     /// A rank of this stage's tensor-parallel group failed or cannot be reached.
     #[error("tensor-parallel group: {0}")]
     Collective(String),
+    /// The GPU path failed (no device, out of device memory, a kernel launch error).
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 impl Error {
@@ -62,7 +65,8 @@ impl Error {
             | Error::ChatTemplate(_)
             | Error::UnknownSequence(_)
             | Error::InvalidRequest(_)
-            | Error::Kernel(_) => false,
+            | Error::Kernel(_)
+            | Error::Gpu(_) => false,
         }
     }
 }

@@ -108,6 +108,9 @@ pub struct ShardExecutor {
     group: Option<Box<dyn Collective>>,
     /// Leader: sequence bookkeeping the other ranks get with the next step.
     pending: Vec<u8>,
+    /// The shard on a GPU ([`ShardExecutor::use_gpu`]): steps run there.
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::gpu::GpuShard>,
 }
 
 impl std::fmt::Debug for ShardExecutor {
@@ -142,7 +145,38 @@ impl ShardExecutor {
             remote: None,
             group: None,
             pending: Vec::new(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
+    }
+
+    /// Moves the shard to GPU `ordinal`: its matrices are copied to device memory (routed
+    /// experts too, unless `experts` keeps them in host RAM) and every later step runs there
+    /// (see [`crate::gpu`]). Known sequences start their device caches empty, so call this
+    /// before the first step. A tensor-parallel rank stays on the CPU.
+    #[cfg(feature = "cuda")]
+    pub fn use_gpu(&mut self, ordinal: usize, experts: crate::gpu::ExpertPlacement) -> Result<()> {
+        if self.group.is_some() {
+            return Err(Error::Gpu("a tensor-parallel stage runs on the CPU path".into()));
+        }
+        if self.seqs.values().any(|c| c.n_past > 0) {
+            return Err(Error::Gpu("sequences are in flight on the CPU path".into()));
+        }
+        let mut g = crate::gpu::GpuShard::load(&self.weights, ordinal, self.n_ctx, experts)?;
+        for &seq in self.seqs.keys() {
+            g.add_sequence(seq);
+        }
+        self.gpu = Some(g);
+        Ok(())
+    }
+
+    /// The GPU the shard runs on, if any.
+    pub fn gpu_name(&self) -> Option<&str> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.device_name());
+        }
+        None
     }
 
     /// Joins this executor (holding its rank's slice, [`Weights::load_tp`]) to its
@@ -232,12 +266,20 @@ impl ShardExecutor {
         }
         let n = self.weights.layers.len();
         self.seqs.insert(seq, SeqCache { n_past: 0, k: vec![Vec::new(); n], v: vec![Vec::new(); n] });
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.gpu {
+            g.add_sequence(seq);
+        }
     }
 
     /// Drops a sequence and its KV cache. Returns whether it existed.
     pub fn release(&mut self, seq: u64) -> bool {
         if self.is_leader() {
             tp::encode(&Op::Release(seq), &mut self.pending);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.gpu {
+            g.release(seq);
         }
         self.seqs.remove(&seq).is_some()
     }
@@ -274,6 +316,10 @@ impl ShardExecutor {
 
     /// Bytes of KV cache held by all sequences.
     pub fn kv_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.kv_bytes(self.weights.config.n_head_kv * self.weights.config.head_dim);
+        }
         self.seqs.values().flat_map(|c| c.k.iter().chain(c.v.iter())).map(|l| l.len() * 2).sum()
     }
 
@@ -293,6 +339,15 @@ impl ShardExecutor {
     /// already).
     fn compute(&mut self, chunks: &[SeqChunk], input: StageInput<'_>) -> Result<StageOutput> {
         let w = Arc::clone(&self.weights);
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.gpu {
+            let n_past: Vec<usize> = chunks.iter().map(|ch| self.seqs[&ch.seq].n_past).collect();
+            let out = g.forward(&w, &self.rope, chunks, &n_past, input, &self.pool, self.remote.as_mut(), &mut self.s.expert_tokens)?;
+            for ch in chunks {
+                self.seqs.get_mut(&ch.seq).expect("checked above").n_past += ch.n_tokens;
+            }
+            return Ok(out);
+        }
         let c = &w.config;
         let (n_head, n_head_kv, ff, experts) = w.local_dims();
         let exact = w.tp.as_ref().filter(|t| t.mode == TpMode::Exact);
@@ -510,27 +565,7 @@ fn moe_ffn(
     let e = w.config.n_embd;
     let logits = grow(&mut s.router, n * ne);
     mm(pool, w, &moe.router, &s.xn[..n * e], n, logits, &mut s.quant);
-    s.chosen.clear();
-    let mut order: Vec<usize> = Vec::with_capacity(ne);
-    for row in logits.chunks_exact_mut(ne) {
-        softmax_row(row);
-        order.clear();
-        order.extend(0..ne);
-        // Stable: equal probabilities keep the lower expert first, as ggml's argsort does.
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-        let top = &order[..k];
-        let mut sum = 0f32;
-        for &x in top {
-            sum += row[x];
-        }
-        s.chosen.extend(top.iter().map(|&x| (x, row[x] / sum)));
-    }
-    if s.expert_tokens.len() < ne {
-        s.expert_tokens.resize(ne, 0);
-    }
-    for &(x, _) in &s.chosen {
-        s.expert_tokens[x] += 1;
-    }
+    route(logits, ne, k, &mut s.chosen, &mut s.expert_tokens);
     let tmp = grow(&mut s.tmp, n * e);
     match remote {
         Some(r) => r.run(layer, &s.xn[..n * e], n, &s.chosen, tmp),
@@ -553,6 +588,33 @@ fn moe_ffn(
             }
             Ok(())
         }
+    }
+}
+
+/// The router's choice for each token of `logits` (`(n, ne)`, overwritten by their softmax):
+/// the `k` most likely experts (ties: the lower index first, as ggml's argsort) with their
+/// probabilities renormalized to sum to 1, appended to `chosen` (cleared first) in rank order;
+/// `expert_tokens` counts them.
+pub(crate) fn route(logits: &mut [f32], ne: usize, k: usize, chosen: &mut Vec<(usize, f32)>, expert_tokens: &mut Vec<u64>) {
+    chosen.clear();
+    let mut order: Vec<usize> = Vec::with_capacity(ne);
+    for row in logits.chunks_exact_mut(ne) {
+        softmax_row(row);
+        order.clear();
+        order.extend(0..ne);
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let top = &order[..k];
+        let mut sum = 0f32;
+        for &x in top {
+            sum += row[x];
+        }
+        chosen.extend(top.iter().map(|&x| (x, row[x] / sum)));
+    }
+    if expert_tokens.len() < ne {
+        expert_tokens.resize(ne, 0);
+    }
+    for &(x, _) in chosen.iter() {
+        expert_tokens[x] += 1;
     }
 }
 

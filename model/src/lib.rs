@@ -14,5 +14,7 @@ pub mod weights;
 pub mod engine;
 pub mod executor;
 pub mod tp;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 
 pub use error::{Error, Result};

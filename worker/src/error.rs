@@ -71,7 +71,7 @@ impl Error {
                 | M::TensorShape { .. }
                 | M::Tokenizer(_)
                 | M::ChatTemplate(_) => Code::FailedPrecondition,
-                M::Kernel(_) => Code::Internal,
+                M::Kernel(_) | M::Gpu(_) => Code::Internal,
                 // Like a lost next stage: the coordinator forms the pipeline again.
                 M::ExpertHost { .. } | M::Collective(_) => Code::Unavailable,
             },
