@@ -801,3 +801,41 @@ async fn calibration_times_the_models_blocks_and_refuses_bad_probes() {
     }
     assert!(c.get_inventory(req(vec![small], None)).await.is_ok());
 }
+
+/// A worker on a machine without a CUDA driver (or built without the cuda feature) starts,
+/// reports no GPU and why, runs shards on the CPU, and refuses a load that names a GPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_a_gpu_reports_none_and_serves_from_the_cpu() {
+    let cluster = start(1);
+    let mut c = raw_client(&cluster.addrs()[0]).await;
+    let inv = c.get_inventory(v1::InventoryRequest::default()).await.unwrap().into_inner();
+    let driver = cfg!(feature = "cuda") && std::path::Path::new("/dev/nvidiactl").exists();
+    if driver {
+        eprintln!("skipped: this machine has a GPU");
+        return;
+    }
+    assert!(inv.devices.is_empty(), "{:?}", inv.devices);
+    let want = if cfg!(feature = "cuda") { "no CUDA driver library" } else { "built without the cuda feature" };
+    assert!(inv.gpu_note.contains(want), "gpu_note {:?}", inv.gpu_note);
+    let req = |device: &str| v1::LoadShardRequest {
+        model_file: SMOLLM2.into(),
+        layer_start: 0,
+        layer_end: 30,
+        embed: true,
+        head: true,
+        n_ctx: 64,
+        n_threads: 1,
+        activation_dtype: v1::ActivationDtype::F32 as i32,
+        device: device.into(),
+        ..Default::default()
+    };
+    let e = c.load_shard(req("cuda:0")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("cuda:0 is not on this worker") && e.message().contains(want), "{}", e.message());
+    let e = c.load_shard(req("tpu")).await.unwrap_err();
+    assert!(e.message().contains("unknown device"), "{}", e.message());
+    for device in ["", "auto", "cpu"] {
+        let ok = c.load_shard(req(device)).await.unwrap().into_inner();
+        assert_eq!(ok.device, "cpu", "device {device:?}");
+    }
+}

@@ -16,7 +16,7 @@ pub mod v1 {
 /// Protocol major version: peers with a different major refuse each other at `Hello`.
 pub const PROTOCOL_MAJOR: u32 = 1;
 /// Protocol minor version: additive changes only.
-pub const PROTOCOL_MINOR: u32 = 5;
+pub const PROTOCOL_MINOR: u32 = 6;
 
 /// Capability: the worker serves `Results` and honours `ForwardFrame.route` (protocol 1.1).
 pub const CAP_RESULTS_ROUTE: &str = "results-route";

@@ -92,7 +92,29 @@ pub enum Job {
 /// ranks to join).
 pub type GroupSetup = Box<dyn FnOnce() -> shoal_model::Result<Box<dyn shoal_model::tp::Collective>> + Send>;
 
-/// Starts the compute thread for `weights`; it ends when every sender is dropped.
+/// A shard to run on a GPU.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuChoice {
+    pub ordinal: usize,
+    pub experts_in_host_ram: bool,
+}
+
+#[cfg(feature = "cuda")]
+fn use_gpu(exec: &mut ShardExecutor, g: GpuChoice) -> shoal_model::Result<()> {
+    use shoal_model::gpu::ExpertPlacement;
+    let place = if g.experts_in_host_ram { ExpertPlacement::HostRam } else { ExpertPlacement::Gpu };
+    exec.use_gpu(g.ordinal, place)?;
+    tracing::info!(gpu = exec.gpu_name().unwrap_or(""), ?place, "shard on the GPU");
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn use_gpu(_: &mut ShardExecutor, _: GpuChoice) -> shoal_model::Result<()> {
+    Err(shoal_model::Error::Gpu("this worker was built without the cuda feature".into()))
+}
+
+/// Starts the compute thread for `weights` (on `gpu` when given: its weights are copied there
+/// before this returns); it ends when every sender is dropped.
 pub fn spawn(
     weights: Arc<Weights>,
     n_threads: usize,
@@ -101,11 +123,20 @@ pub fn spawn(
     kv_budget: u64,
     remote: Option<Box<dyn shoal_model::executor::RemoteExperts>>,
     group: Option<GroupSetup>,
+    gpu: Option<GpuChoice>,
 ) -> Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel::<Job>();
+    let (ready_tx, ready_rx) = mpsc::channel::<shoal_model::Result<()>>();
     std::thread::Builder::new().name("shoal-compute".into()).spawn(move || {
         let mut exec = ShardExecutor::new(weights, n_threads, n_ctx);
         exec.set_attention_numerics(AttnNumerics::GgmlFlash { n_ctx, n_threads: attn_threads });
+        // The GPU context lives on this thread: load there and say how it went.
+        let ready = gpu.map_or(Ok(()), |g| use_gpu(&mut exec, g));
+        let failed = ready.is_err();
+        let _ = ready_tx.send(ready);
+        if failed {
+            return;
+        }
         if let Some(r) = remote {
             exec.set_remote_experts(r);
         }
@@ -163,7 +194,11 @@ pub fn spawn(
             }
         }
     })?;
-    Ok(tx)
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(tx),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Error::ComputeGone),
+    }
 }
 
 struct State {

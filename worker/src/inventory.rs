@@ -53,8 +53,38 @@ pub fn models(dir: &Path) -> Vec<v1::ModelFile> {
     out
 }
 
-/// The whole inventory; `bandwidth` comes from [`memory_bandwidth`], measured once.
-pub fn inventory(node_name: &str, models_dir: &Path, bandwidth: u64) -> v1::Inventory {
+/// This machine's GPUs as inventory devices (memory and a measured copy bandwidth), or
+/// why there are none: a machine without a driver is a fact, reported, not an error.
+pub fn gpus() -> (Vec<v1::Device>, String) {
+    #[cfg(feature = "cuda")]
+    {
+        match shoal_kernels::cuda::probe(true) {
+            Ok(g) => (
+                g.into_iter()
+                    .map(|i| v1::Device {
+                        kind: "cuda".into(),
+                        name: i.name,
+                        memory_total_bytes: i.total_bytes,
+                        memory_free_bytes: i.free_bytes,
+                        bandwidth_bytes_per_s: i.bandwidth_bytes_per_s as u64,
+                        ordinal: i.ordinal as u32,
+                        compute_capability: format!("{}.{}", i.compute_capability.0, i.compute_capability.1),
+                    })
+                    .collect(),
+                String::new(),
+            ),
+            Err(e) => (Vec::new(), e.to_string()),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        (Vec::new(), "built without the cuda feature".into())
+    }
+}
+
+/// The whole inventory; `bandwidth` comes from [`memory_bandwidth`], measured once, and
+/// `gpus` from [`gpus`].
+pub fn inventory(node_name: &str, models_dir: &Path, bandwidth: u64, gpus: &(Vec<v1::Device>, String)) -> v1::Inventory {
     let (total, free) = ram();
     v1::Inventory {
         node_name: node_name.to_string(),
@@ -62,9 +92,10 @@ pub fn inventory(node_name: &str, models_dir: &Path, bandwidth: u64) -> v1::Inve
         ram_total_bytes: total,
         ram_free_bytes: free,
         memory_bandwidth_bytes_per_s: bandwidth,
-        devices: Vec::new(),
+        devices: gpus.0.clone(),
         models: models(models_dir),
         calibration: None,
+        gpu_note: gpus.1.clone(),
     }
 }
 

@@ -43,6 +43,23 @@ pub const MAX_FRAME_CHUNKS: usize = 1024;
 pub struct WorkerConfig {
     pub node_name: String,
     pub models_dir: PathBuf,
+    /// Where shards run unless a load says otherwise: "auto" (GPU 0 when there is one),
+    /// "cpu" or "cuda:N".
+    pub device: String,
+}
+
+/// Parses a device name: `None` for the CPU, `Some(None)` for "auto", `Some(Some(n))` for
+/// "cuda:N".
+pub fn parse_device(s: &str) -> std::result::Result<Option<Option<usize>>, String> {
+    match s {
+        "cpu" => Ok(None),
+        "auto" => Ok(Some(None)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(|n| Some(Some(n)))
+            .ok_or_else(|| format!("unknown device {s:?} (expected auto, cpu or cuda:N)")),
+    }
 }
 
 /// A loaded shard and its compute thread.
@@ -76,6 +93,8 @@ impl std::ops::Deref for WorkerService {
 #[derive(Debug)]
 pub struct Inner {
     cfg: WorkerConfig,
+    /// This machine's GPUs, or why there are none (probed once at start).
+    gpus: (Vec<v1::Device>, String),
     bandwidth: u64,
     // Kernel calibrations by thread count, measured once each.
     calibrations: Mutex<std::collections::HashMap<u32, v1::KernelCalibration>>,
@@ -96,8 +115,18 @@ type ResultTx = tmpsc::Sender<std::result::Result<v1::ForwardResult, Status>>;
 impl WorkerService {
     /// Measures the memory bandwidth once and returns the service.
     pub fn new(cfg: WorkerConfig) -> WorkerService {
+        let gpus = crate::inventory::gpus();
+        match gpus.0.as_slice() {
+            [] => tracing::info!("no GPU ({}): shards run on the CPU", gpus.1),
+            devs => {
+                for d in devs {
+                    tracing::info!(ordinal = d.ordinal, name = %d.name, memory = d.memory_total_bytes, bandwidth = d.bandwidth_bytes_per_s, "GPU");
+                }
+            }
+        }
         WorkerService(Arc::new(Inner {
             cfg,
+            gpus,
             bandwidth: crate::inventory::memory_bandwidth(),
             calibrations: Default::default(),
             shard: Mutex::new(None),
@@ -191,6 +220,11 @@ impl Inner {
                 Ok(Box::new(c) as Box<dyn shoal_model::tp::Collective>)
             }));
         }
+        let gpu = self.gpu_for(&r, tp.is_some())?;
+        if let Some(g) = &gpu {
+            let name = self.gpus.0.iter().find(|d| d.ordinal as usize == g.ordinal).map_or("", |d| d.name.as_str());
+            reply.device = format!("cuda:{} ({name})", g.ordinal);
+        }
         let codec = codec_of(r.activation_dtype)?;
         let request = v1::LoadShardRequest { model_hash: have.clone(), ..r.clone() };
         // Routed experts on an expert host: the compute thread calls it through this runtime.
@@ -210,13 +244,39 @@ impl Inner {
             layers: (r.layer_start, r.layer_end),
             head: r.head,
             shard_bytes: reply.shard_bytes,
-            jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes, remote, group)?,
+            jobs: compute::spawn(weights, n_threads, n_ctx, attn_threads, r.kv_budget_bytes, remote, group, gpu)?,
             request,
         };
         *self.shard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
         *self.experts.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(reply)
+    }
+
+    /// The GPU a shard runs on: the request's device, else the worker's default; "auto" picks
+    /// GPU 0 when there is one (a tensor-parallel rank stays on the CPU), an explicit
+    /// "cuda:N" must exist.
+    fn gpu_for(&self, r: &v1::LoadShardRequest, tp: bool) -> Result<Option<compute::GpuChoice>> {
+        let name = if r.device.is_empty() { self.cfg.device.as_str() } else { r.device.as_str() };
+        let ordinal = match parse_device(name).map_err(Error::InvalidFrame)? {
+            None => return Ok(None),
+            Some(None) if tp => return Ok(None),
+            Some(None) => match self.gpus.0.first() {
+                Some(d) => d.ordinal as usize,
+                None => return Ok(None),
+            },
+            Some(Some(n)) => {
+                if tp {
+                    return Err(Error::InvalidFrame("a tensor-parallel rank runs on the CPU".into()));
+                }
+                if !self.gpus.0.iter().any(|d| d.ordinal as usize == n) {
+                    let why = if self.gpus.1.is_empty() { format!("{} GPUs", self.gpus.0.len()) } else { self.gpus.1.clone() };
+                    return Err(Error::InvalidFrame(format!("device cuda:{n} is not on this worker ({why})")));
+                }
+                n
+            }
+        };
+        Ok(Some(compute::GpuChoice { ordinal, experts_in_host_ram: r.experts_in_host_ram }))
     }
 
     /// Times a Health call to the next stage at `addr` on a channel kept for this, at most
@@ -293,6 +353,7 @@ fn load_reply(have: String, weights: &Weights) -> v1::LoadShardReply {
         n_vocab: c.n_vocab as u32,
         shard_bytes: weights.bytes_per_step(),
         tp_port: 0,
+        device: "cpu".into(),
     }
 }
 
@@ -470,7 +531,7 @@ impl worker_server::Worker for WorkerService {
 
     async fn get_inventory(&self, req: Request<v1::InventoryRequest>) -> std::result::Result<Response<v1::Inventory>, Status> {
         let r = req.into_inner();
-        let mut inv = crate::inventory::inventory(&self.cfg.node_name, &self.cfg.models_dir, self.bandwidth);
+        let mut inv = crate::inventory::inventory(&self.cfg.node_name, &self.cfg.models_dir, self.bandwidth, &self.gpus);
         if r.calibrate {
             crate::inventory::check_probes(&r.probes, r.attention.as_ref()).map_err(Status::invalid_argument)?;
             let threads = if r.threads == 0 { inv.cpu_cores } else { r.threads.min(1024) };

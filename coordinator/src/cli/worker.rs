@@ -35,6 +35,10 @@ pub struct WorkerArgs {
     /// 0.0.0.0 or [::]).
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
+    /// Where shards run: `auto` (GPU 0 when the build has the cuda feature and the machine a
+    /// GPU, else the CPU), `cpu`, or `cuda:N`. A load may name another.
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// Exit when stdin reaches end-of-file (set by a parent that started this worker, so
     /// the worker cannot outlive it).
     #[arg(long, hide = true)]
@@ -73,7 +77,8 @@ pub fn run(a: WorkerArgs) -> Result<()> {
         };
         shoal_proto::security::get().check_listen(addr)?;
         let name = a.name.unwrap_or_else(|| addr.to_string());
-        let svc = WorkerService::new(WorkerConfig { node_name: name.clone(), models_dir: a.models_dir });
+        shoal_worker::service::parse_device(&a.device).map_err(anyhow::Error::msg)?;
+        let svc = WorkerService::new(WorkerConfig { node_name: name.clone(), models_dir: a.models_dir, device: a.device });
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {addr}")?;
         out.flush()?;
