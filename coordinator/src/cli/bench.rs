@@ -37,11 +37,24 @@ pub struct BenchArgs {
     /// them); the figure is the aggregate tokens/s over all of them.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// In process: run on `cpu` or on GPU `cuda:N` (a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Through workers: micro-batches in flight (0: one per stage).
     #[arg(long, default_value_t = 0)]
     in_flight: usize,
     #[command(flatten)]
     cluster: super::cluster::ClusterArgs,
+}
+
+#[cfg(feature = "cuda")]
+fn use_gpu(exec: &mut ShardExecutor, ordinal: usize) -> Result<()> {
+    Ok(exec.use_gpu(ordinal, shoal_model::gpu::ExpertPlacement::Gpu)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn use_gpu(_: &mut ShardExecutor, _: usize) -> Result<()> {
+    anyhow::bail!("this build has no CUDA backend: build with --features shoal-coordinator/cuda")
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -61,6 +74,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     super::prefault(&file);
     let n_ctx = (a.n_prompt.max(a.n_gen) + 16).max(64);
     let mut exec = ShardExecutor::new(weights, threads, n_ctx);
+    match shoal_worker::service::parse_device(&a.device).map_err(anyhow::Error::msg)? {
+        None => {}
+        Some(ordinal) => use_gpu(&mut exec, ordinal.unwrap_or(0))?,
+    }
+    let device = exec.gpu_name().map_or_else(|| "cpu".to_string(), str::to_string);
     let mut rng = Rng::new(1234);
     let mut tok = || (rng.next_u64() % config.n_vocab as u64) as u32;
     let reps = a.reps.max(1);
@@ -101,18 +119,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let name = a.model.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     if a.json {
         let j = serde_json::json!({
-            "model": name, "threads": threads, "n_prompt": a.n_prompt, "n_gen": a.n_gen,
+            "model": name, "device": device, "threads": threads, "n_prompt": a.n_prompt, "n_gen": a.n_gen,
             "reps": reps, "pp_tok_s": ppm, "pp_tok_s_std": pps, "tg_tok_s": tgm, "tg_tok_s_std": tgs,
         });
         println!("{j}");
     } else {
-        println!("| model | threads | test | tok/s |");
-        println!("|---|---|---|---|");
+        println!("| model | device | threads | test | tok/s |");
+        println!("|---|---|---|---|---|");
         if a.n_prompt > 0 {
-            println!("| {name} | {threads} | pp{} | {ppm:.2} ± {pps:.2} |", a.n_prompt);
+            println!("| {name} | {device} | {threads} | pp{} | {ppm:.2} ± {pps:.2} |", a.n_prompt);
         }
         if a.n_gen > 0 {
-            println!("| {name} | {threads} | tg{} | {tgm:.2} ± {tgs:.2} |", a.n_gen);
+            println!("| {name} | {device} | {threads} | tg{} | {tgm:.2} ± {tgs:.2} |", a.n_gen);
         }
     }
     Ok(())
