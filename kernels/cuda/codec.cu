@@ -2,14 +2,7 @@
 // they leave the device and decodes what arrives after upload, so only the encoded bytes
 // cross PCIe. Byte-identical to the CPU encoder.
 
-// BF16: the top half of each f32, rounded to nearest even.
-extern "C" __global__ void encode_bf16(const float* x, u16* y, i64 count) {
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < count) {
-        y[i] = f2bf(x[i]);
-    }
-}
-
+// BF16 encodes with `quantize_bf16` (quant.cu): the same rounding.
 extern "C" __global__ void decode_bf16(const u16* y, float* x, i64 count) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < count) {

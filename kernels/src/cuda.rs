@@ -255,6 +255,21 @@ impl MatView {
     }
 }
 
+/// The weight types the GPU computes with.
+pub const TYPES: [GgmlType; 11] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
 /// The kernel-name suffix of a weight type the GPU computes with, or `None`.
 pub fn type_suffix(ty: GgmlType) -> Option<&'static str> {
     Some(match ty {
@@ -296,6 +311,9 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     funcs: HashMap<String, CudaFunction>,
+    /// Per weight type: its `mv_`, `mm_` and `dequantize_` kernels (looked up once, not per
+    /// launch).
+    typed: HashMap<GgmlType, [CudaFunction; 3]>,
     /// Page-locked staging for uploads (write-combined) and downloads.
     up: Option<PinnedHostSlice<u8>>,
     down: Option<PinnedHostSlice<u8>>,
@@ -327,7 +345,22 @@ impl Gpu {
                 funcs.insert(name, f);
             }
         }
-        Ok(Gpu { info, ctx, stream, funcs, up: None, down: None })
+        let mut typed = HashMap::new();
+        for ty in TYPES {
+            let s = type_suffix(ty).expect("listed types have kernels");
+            let get = |stem: &str| funcs.get(&format!("{stem}{s}")).cloned().ok_or_else(|| GpuError::Unsupported(format!("kernel {stem}{s}")));
+            typed.insert(ty, [get("mv_")?, get("mm_")?, get("dequantize_")?]);
+        }
+        Ok(Gpu { info, ctx, stream, funcs, typed, up: None, down: None })
+    }
+
+    /// Kernel `which` (0: `mv_`, 1: `mm_`, 2: `dequantize_`) of a `ty` matrix of `cols`.
+    fn typed(&self, ty: GgmlType, cols: usize, which: usize) -> GpuResult<&CudaFunction> {
+        self.typed
+            .get(&ty)
+            .filter(|_| supports(ty, cols))
+            .map(|f| &f[which])
+            .ok_or_else(|| GpuError::Unsupported(format!("{} weights of {cols} columns", ty.name())))
     }
 
     fn f(&self, name: &str) -> GpuResult<&CudaFunction> {
@@ -448,7 +481,9 @@ impl Gpu {
     /// `y: (n, w.rows) = x: (n, w.cols) · wᵀ`, quantizing `x` into `q` first (grown as
     /// needed) exactly as the CPU does. `x` and `y` are addresses of f32 rows.
     pub fn matmul(&self, w: &MatView, x: u64, n: usize, y: u64, q: &mut DevBuf<u8>) -> GpuResult<()> {
-        let suffix = type_suffix(w.ty).filter(|_| supports(w.ty, w.cols)).ok_or_else(|| GpuError::Unsupported(format!("{} weights of {} columns", w.ty.name(), w.cols)))?;
+        // Decode (a few tokens): one launch row per token; prefill: 8 tokens per weight read.
+        let (which, grid_y) = if n < 4 { (0, n) } else { (1, n.div_ceil(8)) };
+        let f = self.typed(w.ty, w.cols, which)?;
         if n == 0 || w.rows == 0 {
             return Ok(());
         }
@@ -464,8 +499,6 @@ impl Gpu {
         let wrb = w.row_bytes() as i64;
         let (rows, cols, nn, arb) = (w.rows as i32, w.cols as i32, n as i32, arb as i64);
         const WARPS: usize = 4;
-        let (name, grid_y) = if n < 4 { (format!("mv_{suffix}"), n) } else { (format!("mm_{suffix}"), n.div_ceil(8)) };
-        let f = self.f(&name)?;
         let mut b = self.stream.launch_builder(f);
         b.arg(&w.ptr).arg(&a).arg(&y).arg(&rows).arg(&cols).arg(&nn).arg(&wrb).arg(&arb);
         // SAFETY: the kernel reads `rows` weight rows and `n` activation rows and writes
@@ -506,9 +539,9 @@ impl Gpu {
     /// Rows of `w` dequantized to f32: row `ids[t]` into row t of `y` (`ids`: device u32s),
     /// or rows `0..n` when `ids` is 0.
     pub fn dequantize_rows(&self, w: &MatView, ids: u64, n: usize, y: u64) -> GpuResult<()> {
-        let suffix = type_suffix(w.ty).filter(|_| supports(w.ty, w.cols)).ok_or_else(|| GpuError::Unsupported(format!("{} rows", w.ty.name())))?;
+        let f = self.typed(w.ty, w.cols, 2)?;
         let (c, nn, wrb) = (w.cols as i32, n as i32, w.row_bytes() as i64);
-        let mut b = self.stream.launch_builder(self.f(&format!("dequantize_{suffix}"))?);
+        let mut b = self.stream.launch_builder(f);
         b.arg(&w.ptr).arg(&ids).arg(&y).arg(&c).arg(&nn).arg(&wrb);
         // SAFETY: `n` rows of `cols` out; ids (when given) index rows of `w`.
         unsafe { b.launch(cfg((blocks(n * w.cols / 32, 128), 1, 1), 128)) }?;
@@ -637,7 +670,7 @@ impl Gpu {
         use crate::codec::Codec;
         match codec {
             Codec::F32 => self.copy::<f32>(x, out, n * dim),
-            Codec::Bf16 => self.elementwise("encode_bf16", x, out, n * dim),
+            Codec::Bf16 => self.elementwise("quantize_bf16", x, out, n * dim),
             Codec::Q8 => {
                 if n == 0 {
                     return Ok(());

@@ -355,42 +355,7 @@ impl ShardExecutor {
         let n: usize = chunks.iter().map(|ch| ch.n_tokens).sum();
 
         let s = &mut self.s;
-        let x = grow(&mut s.x, n * e);
-        match input {
-            StageInput::Tokens(ids) => {
-                let embed = w.embed.as_ref().ok_or_else(|| {
-                    Error::InvalidRequest("this shard has no embedding: send hidden states".into())
-                })?;
-                if ids.len() != n {
-                    return Err(Error::InvalidRequest(format!(
-                        "{} token ids for chunks totalling {n} tokens",
-                        ids.len()
-                    )));
-                }
-                let m = w.qmatrix(embed);
-                for (t, &id) in ids.iter().enumerate() {
-                    if id as usize >= embed.rows {
-                        return Err(Error::InvalidRequest(format!(
-                            "token id {id} is outside the vocabulary of {}",
-                            embed.rows
-                        )));
-                    }
-                    dequantize_row(embed.ty, m.row(id as usize), &mut x[t * e..(t + 1) * e])?;
-                }
-            }
-            StageInput::Hidden(h) => {
-                if w.embed.is_some() && w.spec.layers.start == 0 {
-                    return Err(Error::InvalidRequest("this shard embeds: send token ids".into()));
-                }
-                if h.len() != n * e {
-                    return Err(Error::InvalidRequest(format!(
-                        "hidden states of {} floats, expected {n} tokens × {e}",
-                        h.len()
-                    )));
-                }
-                x.copy_from_slice(h);
-            }
-        }
+        stage_input(&w, input, n, grow(&mut s.x, n * e))?;
 
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = c.traits.rope == RopeKind::Neox;
@@ -534,6 +499,48 @@ impl ShardExecutor {
         }
         Ok(())
     }
+}
+
+/// Fills `x` (`(n, n_embd)`) with a step's input: the embedding rows of the token ids, or
+/// the previous stage's hidden states, each checked against the shard and the chunks' `n`.
+pub(crate) fn stage_input(w: &Weights, input: StageInput<'_>, n: usize, x: &mut [f32]) -> Result<()> {
+    let e = w.config.n_embd;
+    match input {
+        StageInput::Tokens(ids) => {
+            let embed = w.embed.as_ref().ok_or_else(|| {
+                Error::InvalidRequest("this shard has no embedding: send hidden states".into())
+            })?;
+            if ids.len() != n {
+                return Err(Error::InvalidRequest(format!(
+                    "{} token ids for chunks totalling {n} tokens",
+                    ids.len()
+                )));
+            }
+            let m = w.qmatrix(embed);
+            for (t, &id) in ids.iter().enumerate() {
+                if id as usize >= embed.rows {
+                    return Err(Error::InvalidRequest(format!(
+                        "token id {id} is outside the vocabulary of {}",
+                        embed.rows
+                    )));
+                }
+                dequantize_row(embed.ty, m.row(id as usize), &mut x[t * e..(t + 1) * e])?;
+            }
+        }
+        StageInput::Hidden(h) => {
+            if w.embed.is_some() && w.spec.layers.start == 0 {
+                return Err(Error::InvalidRequest("this shard embeds: send token ids".into()));
+            }
+            if h.len() != n * e {
+                return Err(Error::InvalidRequest(format!(
+                    "hidden states of {} floats, expected {n} tokens × {e}",
+                    h.len()
+                )));
+            }
+            x.copy_from_slice(h);
+        }
+    }
+    Ok(())
 }
 
 /// Where a shard's routed experts run when they are not local: another process (an expert

@@ -20,11 +20,10 @@ use std::collections::HashMap;
 
 use shoal_kernels::ThreadPool;
 use shoal_kernels::cuda::{DevBuf, Gpu, GpuError, MatView, supports};
-use shoal_kernels::matmul::dequantize_row;
 use shoal_kernels::ops::RopeCache;
 
 use crate::arch::RopeKind;
-use crate::executor::{ExpertScratch, RemoteExperts, SeqChunk, StageInput, StageOutput, route, run_experts};
+use crate::executor::{ExpertScratch, RemoteExperts, SeqChunk, StageInput, StageOutput, route, run_experts, stage_input};
 use crate::weights::{Matrix, Weights};
 use crate::{Error, Result};
 
@@ -297,32 +296,9 @@ impl GpuShard {
         let n: usize = chunks.iter().map(|ch| ch.n_tokens).sum();
         let (g, b, h) = (&mut self.g, &mut self.b, &mut self.h);
 
-        // Input rows on the host, then one upload.
+        // Input rows on the host (the CPU path's own checks), then one upload.
         h.x.resize(n * e, 0.0);
-        match input {
-            StageInput::Tokens(ids) => {
-                let embed = w.embed.as_ref().ok_or_else(|| Error::InvalidRequest("this shard has no embedding: send hidden states".into()))?;
-                if ids.len() != n {
-                    return Err(Error::InvalidRequest(format!("{} token ids for chunks totalling {n} tokens", ids.len())));
-                }
-                let m = w.qmatrix(embed);
-                for (t, &id) in ids.iter().enumerate() {
-                    if id as usize >= embed.rows {
-                        return Err(Error::InvalidRequest(format!("token id {id} is outside the vocabulary of {}", embed.rows)));
-                    }
-                    dequantize_row(embed.ty, m.row(id as usize), &mut h.x[t * e..(t + 1) * e])?;
-                }
-            }
-            StageInput::Hidden(x) => {
-                if w.embed.is_some() && w.spec.layers.start == 0 {
-                    return Err(Error::InvalidRequest("this shard embeds: send token ids".into()));
-                }
-                if x.len() != n * e {
-                    return Err(Error::InvalidRequest(format!("hidden states of {} floats, expected {n} tokens × {e}", x.len())));
-                }
-                h.x.copy_from_slice(x);
-            }
-        }
+        stage_input(w, input, n, &mut h.x)?;
         for (buf, len) in [(&mut b.x, n * e), (&mut b.xn, n * e), (&mut b.tmp, n * e), (&mut b.q, n * qd), (&mut b.att, n * qd), (&mut b.k, n * kvd), (&mut b.v, n * kvd)] {
             g.ensure(buf, len).map_err(gerr)?;
         }

@@ -68,6 +68,11 @@ fn kernel_names_expand_the_per_type_macros() {
         }
     }
     assert!(names.contains(&"quantize_q8_k".to_string()));
+    let mut a = TYPES.to_vec();
+    let mut b = WEIGHT_TYPES.to_vec();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "the GPU covers every CPU weight type");
 }
 
 #[test]
